@@ -1,0 +1,137 @@
+//! One error type and its one mapping to HTTP. Clients get a status, a stable code and a short
+//! message; internals and secrets stay in the logs (5xx at warn, 4xx at debug).
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+use crate::keys::KeyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] AuthError),
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    #[error("payload too large: {0}")]
+    TooLarge(String),
+    /// The client went away or broke its own framing; nobody may be left to read the answer.
+    #[error("request body: {0}")]
+    Body(String),
+    /// S3 answered with an error after our retries.
+    #[error("s3 {code}: {message}")]
+    S3 {
+        status: StatusCode,
+        code: String,
+        message: String,
+        request_id: Option<String>,
+    },
+    /// S3 could not be reached (connect, timeout) after our retries.
+    #[error("s3 unreachable: {0}")]
+    S3Unreachable(String),
+    #[error("unavailable: {0}")]
+    Unavailable(&'static str),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<KeyError> for Error {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::BadUser => Error::Forbidden("user id cannot be mapped to a key prefix"),
+            KeyError::BadName(_) => Error::BadRequest(e.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s3_request_id: Option<&'a str>,
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            // Our identity provider is down: not the client's fault.
+            Error::Unauthorized(AuthError::JwksUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::BadRequest(_) | Error::Body(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::S3 { status, .. } => *status,
+            Error::S3Unreachable(_) | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &str {
+        match self {
+            Error::Unauthorized(AuthError::JwksUnavailable) => "unavailable",
+            Error::Unauthorized(_) => "invalid_token",
+            Error::Forbidden(_) => "forbidden",
+            Error::BadRequest(_) => "bad_request",
+            Error::Body(_) => "bad_body",
+            Error::NotFound => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::TooLarge(_) => "too_large",
+            Error::S3 { .. } => "s3_error",
+            Error::S3Unreachable(_) => "s3_unreachable",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// What the client may read: never internals of a 500.
+    fn public_message(&self) -> String {
+        match self {
+            Error::Unauthorized(e) => e.description().to_owned(),
+            Error::S3 { code, message, .. } => format!("S3 refused the request: {code}: {message}"),
+            Error::S3Unreachable(_) => "S3 is not reachable; try again later".to_owned(),
+            Error::Internal(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+        let s3_request_id = match &self {
+            Error::S3 { request_id, .. } => request_id.as_deref(),
+            _ => None,
+        };
+        let body = Body {
+            error: self.code(),
+            message: self.public_message(),
+            s3_request_id,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
+        response
+    }
+}
