@@ -22,6 +22,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{Verifier, bearer_token};
+use crate::credentials::UserBuckets;
 use crate::error::{Error, Result};
 use crate::keys::{KeyLayout, UserSegment};
 use crate::metrics::{HttpLabels, Metrics};
@@ -35,7 +36,10 @@ pub struct AppState(pub Arc<Inner>);
 pub struct Inner {
     pub verifier: Verifier,
     pub keys: KeyLayout,
+    /// The proxy's own view of the bucket (readiness checks).
     pub bucket: Bucket,
+    /// The bucket as each user may see it (scoped credentials when a role is configured).
+    pub users: UserBuckets,
     pub uploader: Uploader,
     pub metrics: Arc<Metrics>,
     pub registry: prometheus_client::registry::Registry,
@@ -204,7 +208,11 @@ async fn put_upload(
         meta: ObjectMeta { content_type },
         overwrite: query.overwrite,
     };
-    let uploaded = state.uploader.upload(target, body, declared).await?;
+    let bucket = state.users.for_user(&principal.user).await?;
+    let uploaded = state
+        .uploader
+        .upload(&bucket, target, body, declared)
+        .await?;
     Ok((StatusCode::CREATED, Json(uploaded)))
 }
 
@@ -240,7 +248,8 @@ async fn list_uploads(
     }
     let prefix = state.keys.user_prefix(&principal.user);
     let reserved = state.keys.reserved_prefix(&principal.user);
-    let (objects, next_cursor) = state.bucket.list(&prefix, q.cursor, limit).await?;
+    let bucket = state.users.for_user(&principal.user).await?;
+    let (objects, next_cursor) = bucket.list(&prefix, q.cursor, limit).await?;
     let objects = objects
         .into_iter()
         .filter(|o| !o.key.starts_with(&reserved))

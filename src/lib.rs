@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod keys;
 pub mod metrics;
@@ -67,7 +68,6 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
         name: settings.backend.bucket().into(),
     };
     let uploader = Uploader {
-        bucket: bucket.clone(),
         budget: Budget::new(settings.upload.memory_budget, Arc::clone(&metrics)),
         settings: settings.upload,
         metrics: Arc::clone(&metrics),
@@ -77,6 +77,7 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
     let state = api::AppState(Arc::new(api::Inner {
         verifier,
         keys: settings.keys.clone(),
+        users: credentials::UserBuckets::shared(bucket.clone()),
         bucket,
         uploader,
         registry: metrics.registry(),

@@ -47,7 +47,6 @@ pub struct Uploaded {
 
 #[derive(Clone, Debug)]
 pub struct Uploader {
-    pub bucket: Bucket,
     pub budget: Budget,
     pub settings: UploadSettings,
     pub metrics: Arc<Metrics>,
@@ -56,9 +55,10 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// Streams `body` to `target`. `declared` is the body's exact length when known.
+    /// Streams `body` to `target` in `bucket`. `declared` is the body's exact length when known.
     pub async fn upload<B>(
         &self,
+        bucket: &Bucket,
         target: Target,
         body: B,
         declared: Option<u64>,
@@ -68,7 +68,7 @@ impl Uploader {
         B::Error: std::fmt::Display,
     {
         let plan = PartPlan::new(&self.settings, declared)?;
-        if !target.overwrite && self.bucket.exists(&target.key).await? {
+        if !target.overwrite && bucket.exists(&target.key).await? {
             return Err(Error::Conflict(
                 "object exists; add ?overwrite=true to replace it",
             ));
@@ -76,6 +76,7 @@ impl Uploader {
         self.metrics.active_uploads.inc();
         let result = self
             .run(
+                bucket,
                 &plan,
                 &target,
                 BodyReader::new(body, declared, plan.max_object(), &self.metrics),
@@ -96,6 +97,7 @@ impl Uploader {
 
     async fn run<B>(
         &self,
+        bucket: &Bucket,
         plan: &PartPlan,
         target: &Target,
         mut reader: BodyReader<'_, B>,
@@ -117,20 +119,25 @@ impl Uploader {
 
             if number == 1 && eof {
                 // The whole body fit in one part: a single PutObject, no multipart round trips.
-                let stored = self
-                    .bucket
+                let stored = bucket
                     .put_object(&target.key, part.clone(), &target.meta, target.overwrite)
                     .await;
                 let stored = stored.map_err(conflict_if_exists)?;
                 self.metrics.bytes_sent_s3.inc_by(part.len());
-                return Ok(self.uploaded(target, part.len(), stored.etag, part.crc64()));
+                return Ok(uploaded(
+                    bucket,
+                    target,
+                    part.len(),
+                    stored.etag,
+                    part.crc64(),
+                ));
             }
             let mp = match &mut multipart {
                 Some(mp) => mp,
-                None => multipart.insert(Multipart::create(self, target).await?),
+                None => multipart.insert(Multipart::create(self, bucket, target).await?),
             };
             if !part.is_empty() {
-                mp.spawn(self, number, part, reservation);
+                mp.spawn(bucket, &self.metrics, number, part, reservation);
                 mp.collect(self.settings.parts_in_flight).await?;
             }
             if eof {
@@ -139,19 +146,19 @@ impl Uploader {
             number += 1;
         }
         let mp = multipart.expect("a multipart upload exists after the first full part");
-        let (etag, crc) = mp.complete(self, target).await?;
-        Ok(self.uploaded(target, reader.total, etag, crc))
+        let (etag, crc) = mp.complete(bucket, target).await?;
+        Ok(uploaded(bucket, target, reader.total, etag, crc))
     }
+}
 
-    fn uploaded(&self, target: &Target, size: u64, etag: String, crc: u64) -> Uploaded {
-        Uploaded {
-            bucket: self.bucket.name.to_string(),
-            key: target.key.clone(),
-            size,
-            etag,
-            checksum: crc64_base64(crc),
-            checksum_algorithm: "CRC64NVME",
-        }
+fn uploaded(bucket: &Bucket, target: &Target, size: u64, etag: String, crc: u64) -> Uploaded {
+    Uploaded {
+        bucket: bucket.name.to_string(),
+        key: target.key.clone(),
+        size,
+        etag,
+        checksum: crc64_base64(crc),
+        checksum_algorithm: "CRC64NVME",
     }
 }
 
@@ -266,16 +273,13 @@ struct Multipart {
 }
 
 impl Multipart {
-    async fn create(up: &Uploader, target: &Target) -> Result<Self> {
-        let upload_id = up
-            .bucket
-            .create_multipart(&target.key, &target.meta)
-            .await?;
+    async fn create(up: &Uploader, bucket: &Bucket, target: &Target) -> Result<Self> {
+        let upload_id = bucket.create_multipart(&target.key, &target.meta).await?;
         Ok(Self {
             in_flight: JoinSet::new(),
             done: Vec::new(),
             guard: AbortGuard {
-                bucket: up.bucket.clone(),
+                bucket: bucket.clone(),
                 key: target.key.clone(),
                 upload_id,
                 armed: true,
@@ -285,9 +289,16 @@ impl Multipart {
         })
     }
 
-    fn spawn(&mut self, up: &Uploader, number: u32, part: Part, reservation: Reservation) {
-        let bucket = up.bucket.clone();
-        let metrics = Arc::clone(&up.metrics);
+    fn spawn(
+        &mut self,
+        bucket: &Bucket,
+        metrics: &Arc<Metrics>,
+        number: u32,
+        part: Part,
+        reservation: Reservation,
+    ) {
+        let bucket = bucket.clone();
+        let metrics = Arc::clone(metrics);
         let (key, upload_id) = (self.guard.key.clone(), self.guard.upload_id.clone());
         self.in_flight.spawn(async move {
             let (len, crc) = (part.len(), part.crc64());
@@ -320,7 +331,7 @@ impl Multipart {
 
     /// Completes with the part list we kept (never one rebuilt from ListParts) and the
     /// full-object CRC64NVME combined from the parts', so S3 verifies the whole object.
-    async fn complete(mut self, up: &Uploader, target: &Target) -> Result<(String, u64)> {
+    async fn complete(mut self, bucket: &Bucket, target: &Target) -> Result<(String, u64)> {
         self.collect(1).await?;
         self.done.sort_by_key(|(p, _, _)| p.part_number);
         let crc = self
@@ -329,8 +340,7 @@ impl Multipart {
             .fold(0, |acc, &(_, len, crc)| crc64_combine(acc, crc, len));
         let parts = self.done.into_iter().map(|(p, _, _)| p).collect();
         let guard = &mut self.guard;
-        let stored = up
-            .bucket
+        let stored = bucket
             .complete_multipart(
                 &guard.key,
                 &guard.upload_id,
