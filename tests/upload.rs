@@ -260,25 +260,47 @@ async fn existing_objects_are_kept_unless_overwrite() {
     );
 }
 
-#[tokio::test]
-async fn racing_uploads_cannot_clobber_each_other() {
-    // Both pass the existence check; S3's If-None-Match on completion lets only one win.
-    let h = Harness::moto(&[]).await;
-    let (a, b) = (data(11 * MIB, 1), data(11 * MIB, 2));
-    let (ra, rb) = tokio::join!(
-        h.put("alice", "race.bin", a.clone().into()),
-        h.put("alice", "race.bin", b.clone().into())
+async fn racing_uploads_cannot_clobber_each_other(h: &Harness) {
+    // A passes the existence check and sends its first part, then B uploads the same name
+    // completely; S3's If-None-Match on A's completion must refuse A.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let a_body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let a = tokio::spawn({
+        let req = h
+            .http
+            .put(h.url("/uploads/race.bin"))
+            .bearer_auth(token("alice"))
+            .body(a_body);
+        async move { req.send().await.unwrap() }
+    });
+    tx.send(Ok(data(6 * MIB, 1))).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let b = data(7 * MIB, 2);
+    assert_eq!(
+        h.put("alice", "race.bin", b.clone().into()).await.status(),
+        StatusCode::CREATED
     );
-    let mut statuses = [ra.status(), rb.status()];
-    statuses.sort();
-    assert_eq!(statuses, [StatusCode::CREATED, StatusCode::CONFLICT]);
-    let stored = h.object("uploads/alice/race.bin").await.unwrap();
-    let winner = if ra.status() == StatusCode::CREATED {
-        &a
-    } else {
-        &b
-    };
-    assert_eq!(sha256(&stored), sha256(winner));
+    tx.send(Ok(data(MIB, 3))).await.unwrap();
+    drop(tx);
+    let a = a.await.unwrap();
+    assert_eq!(a.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        sha256(&h.object("uploads/alice/race.bin").await.unwrap()),
+        sha256(&b)
+    );
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+#[tokio::test]
+async fn racing_uploads_embedded() {
+    racing_uploads_cannot_clobber_each_other(&Harness::embedded(&[]).await).await;
 }
 
 #[tokio::test]
@@ -359,4 +381,9 @@ async fn health_ready_metrics() {
     let resp = h.http.get(h.url("/nope")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(resp.json::<Value>().await.unwrap()["error"], "not_found");
+}
+
+#[tokio::test]
+async fn racing_uploads_moto() {
+    racing_uploads_cannot_clobber_each_other(&Harness::moto(&[]).await).await;
 }
