@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::upload::part::Part;
 
 /// How the client reaches S3.
+#[derive(Clone)]
 pub enum Endpoint {
     /// aws-config's default chain (env, profile, web identity, ECS/EKS, IMDS); a custom endpoint
     /// from `AWS_ENDPOINT_URL(_S3)` implies path-style addressing.

@@ -127,6 +127,18 @@ impl Harness {
         }
     }
 
+    /// Wraps an already started proxy; `dir` lives as long as the harness.
+    pub fn from_running(proxy: Running, s3: Client, bucket: &str, dir: tempfile::TempDir) -> Self {
+        Self {
+            bucket: bucket.into(),
+            proxy,
+            s3,
+            http: http(),
+            _dir: dir,
+            _moto: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.proxy.url())
     }
