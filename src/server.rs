@@ -26,7 +26,7 @@ use crate::s3::Endpoint;
 use crate::{App, api};
 
 /// HTTP/1.1 read buffer cap: bounds per-connection memory outside the part budget.
-const H1_MAX_BUF: usize = 256 * 1024;
+const H1_MAX_BUF: usize = 64 * 1024;
 /// HTTP/2 flow-control windows: what a client may send before we read it. Small enough that
 /// 50 stalled h2 uploads hold ~50 MiB at most, large enough for ~20 MB/s per stream at 50 ms RTT.
 const H2_STREAM_WINDOW: u32 = 1 << 20;
