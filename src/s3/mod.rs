@@ -329,9 +329,17 @@ pub struct ObjectMeta {
 pub fn s3_error<E, R>(e: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
     SdkError<E, R>: ProvideErrorMetadata + RequestId,
 {
+    // The per-user credentials provider failed: report what STS said, not a client error.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(sts) = err.downcast_ref::<crate::credentials::StsError>() {
+            return Error::Sts(sts.clone());
+        }
+        source = err.source();
+    }
     match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => Error::S3Unreachable(
             aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
