@@ -255,16 +255,18 @@ async fn list_parts(
             .await
             .map_err(s3_error)
             .map_err(no_such_upload)?;
-        parts.extend(
-            out.parts()
-                .iter()
-                .map(|p| json!({ "PartNumber": p.part_number, "ETag": p.e_tag, "Size": p.size })),
-        );
+        parts.extend(out.parts().iter().cloned());
         match (out.is_truncated, out.next_part_number_marker) {
             (Some(true), Some(next)) => marker = Some(next),
             _ => break,
         }
     }
+    // S3 lists in order; not every S3-compatible store does, and Uppy resumes by number.
+    parts.sort_by_key(|p| p.part_number);
+    let parts = parts
+        .into_iter()
+        .map(|p| json!({ "PartNumber": p.part_number, "ETag": p.e_tag, "Size": p.size }))
+        .collect();
     Ok(Json(parts))
 }
 

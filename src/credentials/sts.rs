@@ -101,8 +101,11 @@ fn sts_error(e: &SdkError<AssumeRoleError, HttpResponse>) -> StsError {
             StsError::transient("Unreachable", detail())
         }
         SdkError::ServiceError(service) => {
-            let code = e.code().unwrap_or("Unknown").to_owned();
             let status = service.raw().status().as_u16();
+            // Some STS-compatible servers send errors the SDK cannot parse: keep the status.
+            let code = e
+                .code()
+                .map_or_else(|| format!("HTTP{status}"), str::to_owned);
             let transient = status >= 500
                 || matches!(
                     code.as_str(),
