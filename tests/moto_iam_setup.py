@@ -8,6 +8,7 @@ Usage: python moto_iam_setup.py ENDPOINT BUCKET
 
 import json
 import sys
+from pathlib import Path
 
 import boto3
 
@@ -19,7 +20,12 @@ kw = dict(
     aws_secret_access_key="testing",
 )
 iam = boto3.client("iam", **kw)
-boto3.client("s3", **kw).create_bucket(Bucket=bucket)
+s3 = boto3.client("s3", **kw)
+s3.create_bucket(Bucket=bucket)
+# The shipped bucket CORS rules must be what S3 accepts (botocore validates the shape).
+cors = Path(__file__).resolve().parent.parent / "deploy" / "s3-cors.json"
+s3.put_bucket_cors(Bucket=bucket, CORSConfiguration=json.loads(cors.read_text()))
+assert s3.get_bucket_cors(Bucket=bucket)["CORSRules"][0]["ExposeHeaders"][0] == "ETag"
 
 
 def policy(*statements):
