@@ -123,15 +123,7 @@ async fn proxy_uploads_use_assumed_role_credentials() {
         ],
     )
     .await;
-    // (overwrite=true skips the HeadObject existence check, whose 403 carries no error code.)
-    let resp = elsewhere
-        .http
-        .put(elsewhere.url("/uploads/x.bin?overwrite=true"))
-        .bearer_auth(token("alice"))
-        .body("nope")
-        .send()
-        .await
-        .unwrap();
+    let resp = elsewhere.put("alice", "x.bin", "nope".into()).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "s3_error");

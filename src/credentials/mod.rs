@@ -205,3 +205,49 @@ impl ProvideCredentials for UserProvider {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::future::BoxFuture;
+
+    use super::*;
+
+    struct Throttled;
+
+    impl cache::Source for Throttled {
+        fn assume<'a>(
+            &'a self,
+            _: &'a UserSegment,
+        ) -> BoxFuture<'a, Result<Credentials, StsError>> {
+            Box::pin(async { Err(StsError::transient("Throttling", "Rate exceeded")) })
+        }
+    }
+
+    /// Credentials that fail to refresh in the middle of an upload are reported as the STS
+    /// failure they are (503 with Retry-After), not as an internal error.
+    #[tokio::test]
+    async fn provider_failures_inside_the_sdk_are_reported_as_sts_errors() {
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url("http://127.0.0.1:9")
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("a", "b", None, None, "base"))
+            .build();
+        let base = Bucket {
+            client: aws_sdk_s3::Client::from_conf(config),
+            name: "b-1".into(),
+        };
+        let cache = Arc::new(CredentialCache::new(
+            Throttled,
+            Duration::from_secs(300),
+            10,
+        ));
+        let bucket = user_bucket(&base, cache, UserSegment::new("alice").unwrap());
+        let err = bucket.exists("uploads/alice/x").await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Sts(e) if e.code == "Throttling" && e.transient),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
