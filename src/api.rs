@@ -44,6 +44,8 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub registry: prometheus_client::registry::Registry,
     pub draining: AtomicBool,
+    /// `x-api-key` required by the direct-mode routes, when configured.
+    pub api_key: Option<crate::config::Secret>,
 }
 
 impl std::ops::Deref for AppState {
@@ -62,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/uploads", get(list_uploads))
         .route("/uploads/{*name}", put(put_upload))
+        .merge(crate::direct::routes(state.clone()))
         .fallback(|| async { Error::NotFound })
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -86,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
         ]))
 }
 
@@ -113,6 +117,7 @@ fn endpoint_label(path: Option<&str>) -> &'static str {
         Some("/readyz") => "readyz",
         Some("/metrics") => "metrics",
         Some("/") => "index",
+        Some(p) if p == "/sts" || p.starts_with("/s3/") => crate::direct::endpoint_label(p),
         _ => "other",
     }
 }

@@ -9,7 +9,10 @@ use serde::Deserialize;
 use serde_with::{DisplayFromStr, PickFirst, serde_as};
 
 use crate::auth::JwtSettings;
-use crate::keys::KeyLayout;
+use crate::credentials::StsSettings;
+use crate::credentials::policy::{MAX_POLICY_CHARS, check_session_prefix, session_policy};
+use crate::credentials::sts::check_role_arn;
+use crate::keys::{KeyLayout, UserSegment};
 
 /// S3's hard limits (Amazon S3 user guide, "multipart upload limits").
 pub const MIN_PART_SIZE: u64 = 5 * MIB;
@@ -77,6 +80,29 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `text` or `json`.
     pub log_format: String,
+
+    // Per-user STS credentials and direct-to-S3 mode.
+    /// IAM role assumed for every user, with an inline session policy limiting the session to
+    /// that user's prefix. Unset: the proxy's own credentials are used (scoping off) and `/sts`
+    /// answers 501.
+    pub sts_role_arn: Option<String>,
+    /// `ExternalId` the role's trust policy may require.
+    pub sts_external_id: Option<String>,
+    /// Session lifetime. Default 1h: the most role chaining (ECS, Lambda) allows; 900s..12h.
+    #[serde(with = "humantime_serde")]
+    pub sts_duration: Duration,
+    /// `RoleSessionName` = this prefix + the escaped user id, so CloudTrail shows the user.
+    pub sts_session_prefix: String,
+    /// Also set `SourceIdentity` (the trust policy must allow `sts:SetSourceIdentity`).
+    #[serde_as(as = "PickFirst<(_, DisplayFromStr)>")]
+    pub sts_source_identity: bool,
+    /// Credentials are replaced this long before they expire. Default 5 min: every request and
+    /// presigned URL gets at least that much validity; 60s..half of sts_duration.
+    #[serde(with = "humantime_serde")]
+    pub sts_refresh_margin: Duration,
+    /// When set, `/sts` and `/s3/*` also require `x-api-key` with this value (16+ characters).
+    pub api_key: Option<Secret>,
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -107,6 +133,14 @@ impl Default for Config {
             s3_attempt_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             log_format: "text".into(),
+            sts_role_arn: None,
+            sts_external_id: None,
+            sts_duration: Duration::from_secs(3600),
+            sts_session_prefix: "s3up-".into(),
+            sts_source_identity: false,
+            sts_refresh_margin: Duration::from_secs(300),
+            api_key: None,
+            api_key_file: None,
         }
     }
 }
@@ -195,6 +229,10 @@ pub struct Settings {
     pub s3_attempt_timeout: Duration,
     pub shutdown_grace: Duration,
     pub json_logs: bool,
+    /// Per-user STS credentials; `None` when no upload role is configured.
+    pub sts: Option<StsSettings>,
+    /// Required `x-api-key` for the direct-mode routes.
+    pub api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -249,6 +287,7 @@ impl Config {
     /// Validates every value, reads secret files, and picks the backend. `aws_endpoint` says
     /// whether `AWS_ENDPOINT_URL`/`AWS_ENDPOINT_URL_S3` is set.
     pub fn validate(self, aws_endpoint: bool) -> Result<Settings, ConfigError> {
+        let (sts, api_key) = self.validate_direct(aws_endpoint)?;
         let listen: SocketAddr = self
             .listen
             .parse()
@@ -430,7 +469,98 @@ impl Config {
             s3_attempt_timeout: self.s3_attempt_timeout,
             shutdown_grace: self.shutdown_grace,
             json_logs,
+            sts,
+            api_key,
         })
+    }
+
+    /// The `sts_*` and `api_key*` settings.
+    fn validate_direct(
+        &self,
+        aws_endpoint: bool,
+    ) -> Result<(Option<StsSettings>, Option<Secret>), ConfigError> {
+        let api_key = match (&self.api_key, &self.api_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("api_key", "set api_key or api_key_file, not both"));
+            }
+            (Some(k), None) => Some(k.clone()),
+            (None, Some(path)) => {
+                let bytes = read_secret_file("api_key_file", path)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| invalid("api_key_file", "must be UTF-8 text"))?;
+                Some(Secret(text))
+            }
+            (None, None) => None,
+        };
+        if let Some(key) = &api_key
+            && (key.0.len() < 16 || !key.0.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "api_key",
+                "must be at least 16 printable ASCII characters without spaces",
+            ));
+        }
+
+        let Some(role_arn) = &self.sts_role_arn else {
+            return Ok((None, api_key));
+        };
+        check_role_arn(role_arn).map_err(|m| invalid("sts_role_arn", m))?;
+        if self.bucket.is_none() && !aws_endpoint {
+            return Err(invalid(
+                "sts_role_arn",
+                "the embedded store has no STS; an upload role needs an external bucket (S3UP_BUCKET)",
+            ));
+        }
+        if let Some(id) = &self.sts_external_id {
+            let ok = (2..=1224).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    "sts_external_id",
+                    "must be 2 to 1224 characters of letters, digits and _ + = , . @ : / -",
+                ));
+            }
+        }
+        if !(Duration::from_secs(900)..=Duration::from_secs(12 * 3600)).contains(&self.sts_duration)
+        {
+            return Err(invalid(
+                "sts_duration",
+                "must be between 15m and 12h (STS DurationSeconds)",
+            ));
+        }
+        if self.sts_refresh_margin < Duration::from_secs(60)
+            || self.sts_refresh_margin > self.sts_duration / 2
+        {
+            return Err(invalid(
+                "sts_refresh_margin",
+                "must be at least 60s and at most half of sts_duration",
+            ));
+        }
+        check_session_prefix(&self.sts_session_prefix)
+            .map_err(|m| invalid("sts_session_prefix", m))?;
+        // The longest possible policy must fit STS's limit (a bad key_prefix is reported later).
+        if let (Some(bucket), Ok(keys)) = (&self.bucket, KeyLayout::new(&self.key_prefix)) {
+            let longest =
+                UserSegment::new(&"x".repeat(128)).expect("128 plain bytes are a valid user id");
+            let policy = session_policy("aws-us-gov", bucket, &keys, &longest);
+            if policy.len() > MAX_POLICY_CHARS {
+                return Err(invalid(
+                    "key_prefix",
+                    "too long for an STS session policy (2,048 characters)",
+                ));
+            }
+        }
+        let sts = StsSettings {
+            role_arn: role_arn.clone(),
+            external_id: self.sts_external_id.clone(),
+            duration: self.sts_duration,
+            session_prefix: self.sts_session_prefix.clone(),
+            source_identity: self.sts_source_identity,
+            refresh_margin: self.sts_refresh_margin,
+        };
+        Ok((Some(sts), api_key))
     }
 }
 
@@ -587,6 +717,103 @@ mod tests {
             .validate(true)
             .unwrap_err();
         assert_eq!(err.key, "bucket");
+    }
+
+    #[test]
+    fn sts_settings_and_api_key() {
+        let role = (
+            "S3UP_STS_ROLE_ARN",
+            "arn:aws:iam::123456789012:role/uploads",
+        );
+        let s = external(&[role]).unwrap();
+        let sts = s.sts.unwrap();
+        assert_eq!(sts.duration, Duration::from_secs(3600));
+        assert_eq!(sts.refresh_margin, Duration::from_secs(300));
+        assert_eq!(sts.session_prefix, "s3up-");
+        assert!(!sts.source_identity && sts.external_id.is_none());
+        assert!(s.api_key.is_none());
+        let s = external(&[
+            role,
+            ("S3UP_STS_DURATION", "2h"),
+            ("S3UP_STS_REFRESH_MARGIN", "10m"),
+            ("S3UP_STS_SOURCE_IDENTITY", "true"),
+            ("S3UP_STS_EXTERNAL_ID", "tenant-42"),
+            ("S3UP_STS_SESSION_PREFIX", "web@"),
+            ("S3UP_API_KEY", "k-0123456789abcdef"),
+        ])
+        .unwrap();
+        let sts = s.sts.unwrap();
+        assert_eq!(sts.duration, Duration::from_secs(7200));
+        assert_eq!(sts.refresh_margin, Duration::from_secs(600));
+        assert!(sts.source_identity);
+        assert_eq!(sts.external_id.as_deref(), Some("tenant-42"));
+        assert_eq!(sts.session_prefix, "web@");
+        assert_eq!(s.api_key.unwrap().0, "k-0123456789abcdef");
+        // Without a role there is no scoping, whatever else is set.
+        assert!(external(&[]).unwrap().sts.is_none());
+    }
+
+    #[test]
+    fn bad_sts_settings_name_the_key() {
+        let role = (
+            "S3UP_STS_ROLE_ARN",
+            "arn:aws:iam::123456789012:role/uploads",
+        );
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("S3UP_STS_ROLE_ARN", "uploads")], "sts_role_arn"),
+            (&[role, ("S3UP_STS_DURATION", "10m")], "sts_duration"),
+            (&[role, ("S3UP_STS_DURATION", "13h")], "sts_duration"),
+            (
+                &[role, ("S3UP_STS_REFRESH_MARGIN", "10s")],
+                "sts_refresh_margin",
+            ),
+            (
+                &[role, ("S3UP_STS_REFRESH_MARGIN", "31m")],
+                "sts_refresh_margin",
+            ),
+            (
+                &[role, ("S3UP_STS_SESSION_PREFIX", "a+b")],
+                "sts_session_prefix",
+            ),
+            (&[role, ("S3UP_STS_EXTERNAL_ID", "x")], "sts_external_id"),
+            (
+                &[role, ("S3UP_STS_SOURCE_IDENTITY", "maybe")],
+                "sts_source_identity",
+            ),
+            (
+                &[
+                    role,
+                    ("S3UP_KEY_PREFIX", &format!("{}/{{user}}/", "p".repeat(700))),
+                ],
+                "key_prefix",
+            ),
+            (&[("S3UP_API_KEY", "short")], "api_key"),
+        ];
+        for (pairs, key) in cases {
+            let err = external(pairs).unwrap_err();
+            assert!(err.key.starts_with(key), "{pairs:?}: {err}");
+        }
+        // The embedded store has no STS.
+        let err = Config::load(None, env(&[role]))
+            .unwrap()
+            .validate(false)
+            .unwrap_err();
+        assert_eq!(err.key, "sts_role_arn");
+    }
+
+    #[test]
+    fn api_key_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "file-key-0123456789\n").unwrap();
+        let s = external(&[("S3UP_API_KEY_FILE", path.to_str().unwrap())]).unwrap();
+        assert_eq!(s.api_key.unwrap().0, "file-key-0123456789");
+        let err = external(&[
+            ("S3UP_API_KEY_FILE", path.to_str().unwrap()),
+            ("S3UP_API_KEY", "k-0123456789abcdef"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "api_key");
     }
 
     #[test]

@@ -41,7 +41,16 @@ pub enum Error {
     Unavailable(&'static str),
     #[error("internal: {0}")]
     Internal(String),
+    /// No per-user credentials could be had from STS (503 when worth retrying, else 502).
+    #[error("sts: {0}")]
+    Sts(#[from] crate::credentials::StsError),
+    /// A feature this deployment has not configured.
+    #[error("not configured: {0}")]
+    NotConfigured(&'static str),
 }
+
+/// Seconds a client should wait after a 503 from STS throttling or an STS outage.
+const STS_RETRY_AFTER: &str = "5";
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -76,6 +85,9 @@ impl Error {
             Error::S3 { status, .. } => *status,
             Error::S3Unreachable(_) | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Sts(e) if e.transient => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Sts(_) => StatusCode::BAD_GATEWAY,
+            Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -93,6 +105,8 @@ impl Error {
             Error::S3Unreachable(_) => "s3_unreachable",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
+            Error::Sts(_) => "sts_error",
+            Error::NotConfigured(_) => "not_configured",
         }
     }
 
@@ -103,6 +117,8 @@ impl Error {
             Error::S3 { code, message, .. } => format!("S3 refused the request: {code}: {message}"),
             Error::S3Unreachable(_) => "S3 is not reachable; try again later".to_owned(),
             Error::Internal(_) => "internal error".to_owned(),
+            // STS messages name roles and accounts: the code is enough for the client.
+            Error::Sts(e) => format!("could not obtain scoped S3 credentials: {}", e.code),
             other => other.to_string(),
         }
     }
@@ -126,6 +142,12 @@ impl IntoResponse for Error {
             s3_request_id,
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(&self, Error::Sts(e) if e.transient) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(STS_RETRY_AFTER),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod credentials;
+pub mod direct;
 pub mod error;
 pub mod keys;
 pub mod metrics;
@@ -62,6 +63,10 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
         max_attempts: settings.s3_max_attempts,
         attempt_timeout: settings.s3_attempt_timeout,
     };
+    let sts = match settings.sts {
+        Some(_) => Some(credentials::sts::client(&endpoint, &client_settings).await),
+        None => None,
+    };
     let client = s3::client(endpoint, &client_settings, Arc::clone(&metrics)).await;
     let bucket = Bucket {
         client,
@@ -77,7 +82,8 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
     let state = api::AppState(Arc::new(api::Inner {
         verifier,
         keys: settings.keys.clone(),
-        users: credentials::UserBuckets::shared(bucket.clone()),
+        users: credentials::UserBuckets::new(bucket.clone(), &settings, sts, &metrics),
+        api_key: settings.api_key.clone(),
         bucket,
         uploader,
         registry: metrics.registry(),

@@ -17,6 +17,11 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StsOutcome {
+    pub outcome: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub bytes_received: Counter,
@@ -29,6 +34,7 @@ pub struct Metrics {
     pub budget_in_use_bytes: Gauge,
     pub budget_bytes: Gauge,
     pub http_requests: Family<HttpLabels, Counter>,
+    pub sts_assume_role: Family<StsOutcome, Counter>,
 }
 
 impl Metrics {
@@ -83,6 +89,11 @@ impl Metrics {
             "http_requests",
             "HTTP responses by endpoint and status",
             self.http_requests.clone(),
+        );
+        r.register(
+            "sts_assume_role",
+            "AssumeRole calls for per-user credentials by outcome (ok, unavailable, refused)",
+            self.sts_assume_role.clone(),
         );
         r
     }

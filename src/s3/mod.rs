@@ -136,6 +136,10 @@ pub struct Listed {
 }
 
 impl Bucket {
+    /// Whether `key` exists, as far as these credentials can tell. A 403 counts as "no": S3
+    /// answers HeadObject for a missing key with 403 unless the caller may `s3:ListBucket`
+    /// without conditions, which per-user session policies deliberately do not allow. This
+    /// check only saves a wasted upload; the conditional write (`If-None-Match`) is the guard.
     pub async fn exists(&self, key: &str) -> Result<bool, Error> {
         match self
             .client
@@ -146,7 +150,9 @@ impl Bucket {
             .await
         {
             Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+            Err(SdkError::ServiceError(e)) if matches!(e.raw().status().as_u16(), 403 | 404) => {
+                Ok(false)
+            }
             Err(e) => Err(s3_error(e)),
         }
     }
@@ -329,9 +335,17 @@ pub struct ObjectMeta {
 pub fn s3_error<E, R>(e: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
     SdkError<E, R>: ProvideErrorMetadata + RequestId,
 {
+    // The per-user credentials provider failed: report what STS said, not a client error.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(sts) = err.downcast_ref::<crate::credentials::StsError>() {
+            return Error::Sts(sts.clone());
+        }
+        source = err.source();
+    }
     match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => Error::S3Unreachable(
             aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),

@@ -311,3 +311,106 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// moto_server prepared for per-user STS: a bucket, an upload role whose own policy allows only
+/// `uploads/*`, a proxy IAM user that may assume it (and nothing else in S3), and an admin user
+/// for the test's own reads. IAM enforcement starts off; see [`MotoIam::enforce`].
+pub struct MotoIam {
+    pub url: String,
+    pub proxy_access_key: String,
+    pub proxy_secret_key: String,
+    pub admin_access_key: String,
+    pub admin_secret_key: String,
+    pub role_arn: String,
+}
+
+pub const ROLE_BUCKET: &str = "test-bucket";
+
+impl MotoIam {
+    fn setup(moto: &Moto) -> Self {
+        let out = Command::new(venv_bin("python"))
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/moto_iam_setup.py"))
+            .args([&moto.url(), ROLE_BUCKET])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "moto_iam_setup.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let s = |k: &str| v[k].as_str().unwrap().to_owned();
+        Self {
+            url: moto.url(),
+            proxy_access_key: s("proxy_access_key"),
+            proxy_secret_key: s("proxy_secret_key"),
+            admin_access_key: s("admin_access_key"),
+            admin_secret_key: s("admin_secret_key"),
+            role_arn: s("role_arn"),
+        }
+    }
+
+    /// Turns moto's IAM enforcement on or off (presigned requests get 500 while it is on).
+    pub async fn enforce(&self, on: bool) {
+        let resp = http()
+            .post(format!("{}/moto-api/reset-auth", self.url))
+            .header("content-type", "text/plain")
+            .body(if on { "0" } else { "inf" })
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "reset-auth: {}", resp.status());
+    }
+
+    /// How the proxy reaches moto: as the proxy IAM user.
+    pub fn proxy_endpoint(&self) -> Endpoint {
+        Endpoint::Static {
+            url: self.url.clone(),
+            access_key: self.proxy_access_key.clone(),
+            secret_key: self.proxy_secret_key.clone(),
+        }
+    }
+
+    pub async fn admin_client(&self) -> Client {
+        let endpoint = Endpoint::Static {
+            url: self.url.clone(),
+            access_key: self.admin_access_key.clone(),
+            secret_key: self.admin_secret_key.clone(),
+        };
+        let settings = ClientSettings {
+            max_attempts: 3,
+            attempt_timeout: Duration::from_secs(60),
+        };
+        s3_upload_proxy::s3::client(endpoint, &settings, Default::default()).await
+    }
+}
+
+impl Harness {
+    /// A proxy with an upload role (`S3UP_STS_ROLE_ARN`) against moto prepared by [`MotoIam`],
+    /// with IAM enforcement on or off. `h.s3` reads as the admin user.
+    pub async fn moto_with_role(extra: &[(&str, &str)], enforce: bool) -> (Self, MotoIam) {
+        let moto = Moto::start();
+        let iam = MotoIam::setup(&moto);
+        if enforce {
+            iam.enforce(true).await;
+        }
+        let mut env = vec![("S3UP_STS_ROLE_ARN", iam.role_arn.as_str())];
+        env.extend_from_slice(extra);
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start(
+            settings(Some(ROLE_BUCKET), dir.path(), &env),
+            Some(iam.proxy_endpoint()),
+        )
+        .await
+        .unwrap();
+        let h = Self {
+            bucket: ROLE_BUCKET.into(),
+            proxy,
+            s3: iam.admin_client().await,
+            http: http(),
+            _dir: dir,
+            _moto: Some(moto),
+        };
+        (h, iam)
+    }
+}
