@@ -305,6 +305,12 @@ impl Client<'_> {
     async fn pause(&mut self, message: &str) -> Result<(), CliError> {
         let delay = self.backoff.fail(message)?;
         self.file.check_unchanged()?;
+        // Shown only with the progress bar, on a terminal: scripts get the one final line.
+        self.bar.println(format!(
+            "{}: {message}; retrying in {:.1}s",
+            self.file.name,
+            delay.as_secs_f64()
+        ));
         tokio::time::sleep(delay).await;
         Ok(())
     }
@@ -343,6 +349,7 @@ impl Client<'_> {
     /// One PATCH of `[offset, end)`: the server's new offset.
     async fn patch(&self, url: &Url, offset: u64, end: u64) -> Result<Step<u64>, CliError> {
         let len = end - offset;
+        self.bar.set_message(self.file.name.clone());
         let mut req = self
             .request(Method::PATCH, url)
             .header(CONTENT_TYPE, "application/offset+octet-stream")
@@ -470,8 +477,11 @@ async fn body(
         None => READ_BUF,
     };
     let start = Instant::now();
+    let ends_file = offset + len == file.size;
+    let finishing = format!("{} (the server is finishing)", file.name);
     let stream = futures_util::stream::try_unfold((f, 0u64), move |(mut f, sent)| {
         let bar = bar.clone();
+        let finishing = finishing.clone();
         async move {
             if sent >= len {
                 return Ok::<_, std::io::Error>(None);
@@ -485,6 +495,9 @@ async fn body(
             let mut buf = BytesMut::zeroed(n);
             f.read_exact(&mut buf).await?;
             bar.inc(n as u64);
+            if ends_file && sent + n as u64 == len {
+                bar.set_message(finishing);
+            }
             Ok(Some((buf.freeze(), (f, sent + n as u64))))
         }
     });
