@@ -44,6 +44,7 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub registry: prometheus_client::registry::Registry,
     pub draining: AtomicBool,
+    pub tus: crate::tus::TusConfig,
 }
 
 impl std::ops::Deref for AppState {
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/uploads", get(list_uploads))
         .route("/uploads/{*name}", put(put_upload))
+        .merge(crate::tus::router(&state))
         .fallback(|| async { Error::NotFound })
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -205,7 +207,10 @@ async fn put_upload(
     let declared = body.size_hint().exact();
     let target = Target {
         key,
-        meta: ObjectMeta { content_type },
+        meta: ObjectMeta {
+            content_type,
+            ..ObjectMeta::default()
+        },
         overwrite: query.overwrite,
     };
     let bucket = state.users.for_user(&principal.user).await?;

@@ -77,6 +77,22 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `text` or `json`.
     pub log_format: String,
+
+    // tus 1.0 resumable uploads (src/tus).
+    /// Where the tus endpoint lives; upload URLs are `{tus_base_path}{id}`. Default `/files/`,
+    /// what tus clients and Uppy expect.
+    pub tus_base_path: String,
+    /// How long an unfinished tus upload lives after its last PATCH (sliding). Default 24h:
+    /// a day to resume a broken upload, while abandoned ones stop costing storage soon.
+    #[serde(with = "humantime_serde")]
+    pub tus_expiry: Duration,
+    /// Largest tus upload (`Tus-Max-Size`, 413 beyond). Default: `max_object_size`.
+    pub tus_max_size: Option<Size>,
+    /// How often each instance looks for expired tus uploads to remove. Default 15m: expired
+    /// uploads go soon after their expiry, and one listing of the (small) expiry index per
+    /// interval costs nothing.
+    #[serde(with = "humantime_serde")]
+    pub tus_reaper_interval: Duration,
 }
 
 impl Default for Config {
@@ -107,6 +123,10 @@ impl Default for Config {
             s3_attempt_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             log_format: "text".into(),
+            tus_base_path: "/files/".into(),
+            tus_expiry: Duration::from_secs(24 * 3600),
+            tus_max_size: None,
+            tus_reaper_interval: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -195,6 +215,16 @@ pub struct Settings {
     pub s3_attempt_timeout: Duration,
     pub shutdown_grace: Duration,
     pub json_logs: bool,
+    pub tus: TusSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct TusSettings {
+    /// Starts and ends with `/`.
+    pub base_path: String,
+    pub expiry: Duration,
+    pub max_size: u64,
+    pub reaper_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -417,6 +447,42 @@ impl Config {
             invalid(key, e.reason)
         })?;
 
+        if !(self.tus_base_path.starts_with('/')
+            && self.tus_base_path.ends_with('/')
+            && self.tus_base_path.len() > 1
+            && self.tus_base_path[1..self.tus_base_path.len() - 1]
+                .split('/')
+                .all(|s| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                }))
+        {
+            return Err(invalid(
+                "tus_base_path",
+                "must look like /files/: starts and ends with '/', plain path segments",
+            ));
+        }
+        if self.tus_expiry < Duration::from_secs(1) {
+            return Err(invalid("tus_expiry", "must be at least 1s"));
+        }
+        if self.tus_reaper_interval < Duration::from_secs(1) {
+            return Err(invalid("tus_reaper_interval", "must be at least 1s"));
+        }
+        let tus_max_size = self.tus_max_size.map_or(upload.max_object_size, |s| s.0);
+        if tus_max_size == 0 || tus_max_size > upload.max_object_size {
+            return Err(invalid(
+                "tus_max_size",
+                "must be between 1 byte and max_object_size",
+            ));
+        }
+        let tus = TusSettings {
+            base_path: self.tus_base_path,
+            expiry: self.tus_expiry,
+            max_size: tus_max_size,
+            reaper_interval: self.tus_reaper_interval,
+        };
+
         Ok(Settings {
             listen,
             public_url: self.public_url.map(|u| u.trim_end_matches('/').to_owned()),
@@ -430,6 +496,7 @@ impl Config {
             s3_attempt_timeout: self.s3_attempt_timeout,
             shutdown_grace: self.shutdown_grace,
             json_logs,
+            tus,
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod metrics;
 pub mod s3;
 pub mod server;
+pub mod tus;
 pub mod upload;
 
 use std::sync::Arc;
@@ -83,7 +84,13 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
         registry: metrics.registry(),
         metrics,
         draining: AtomicBool::new(false),
+        tus: tus::TusConfig {
+            settings: settings.tus.clone(),
+            public_url: settings.public_url.clone(),
+            https: settings.tls.is_some(),
+        },
     }));
+    tus::spawn_reaper(&state);
     Ok(App {
         state,
         settings,
