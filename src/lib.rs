@@ -37,8 +37,14 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
     let (endpoint, embedded) = match (endpoint, &settings.backend) {
         (Some(endpoint), _) => (endpoint, None),
         (None, Backend::Embedded { data_dir, bucket }) => {
-            let store =
-                EmbeddedStore::start(data_dir, bucket, ([127, 0, 0, 1], 0).into(), None).await?;
+            let credentials = s3::embedded::stable_credentials(data_dir)?;
+            let store = EmbeddedStore::start(
+                data_dir,
+                bucket,
+                ([127, 0, 0, 1], 0).into(),
+                Some(credentials),
+            )
+            .await?;
             let endpoint = Endpoint::Static {
                 url: store.url(),
                 access_key: store.access_key.clone(),

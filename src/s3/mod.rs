@@ -18,13 +18,13 @@ use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart, Delete,
     ObjectIdentifier,
 };
-use bytes::Bytes;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
+use bytes::Bytes;
 use http::StatusCode;
 
 use crate::error::Error;
@@ -337,7 +337,9 @@ impl Bucket {
             Ok(out) => Ok(out.e_tag.unwrap_or_default()),
             // 412: the condition failed; 409: a concurrent conditional write; 404: If-Match on
             // an object that was deleted meanwhile.
-            Err(SdkError::ServiceError(e)) if matches!(e.raw().status().as_u16(), 404 | 409 | 412) => {
+            Err(SdkError::ServiceError(e))
+                if matches!(e.raw().status().as_u16(), 404 | 409 | 412) =>
+            {
                 Err(Error::Conflict("the upload was changed by another request"))
             }
             Err(e) => Err(s3_error(e)),

@@ -238,13 +238,20 @@ mod tests {
             ("crc32", crc32fast::hash(data).to_be_bytes().to_vec()),
         ];
         for (name, digest) in digests {
-            for (good, value) in [(true, digest.clone()), (false, {
-                let mut d = digest.clone();
-                d[0] ^= 1;
-                d
-            })] {
+            for (good, value) in [
+                (true, digest.clone()),
+                (false, {
+                    let mut d = digest.clone();
+                    d[0] ^= 1;
+                    d
+                }),
+            ] {
                 let expected = Expected::parse(&format!("{name} {}", b64(&value))).unwrap();
-                let (body, tap) = wrap(Full::new(Bytes::from_static(data)), Some(&expected), &HeaderMap::new());
+                let (body, tap) = wrap(
+                    Full::new(Bytes::from_static(data)),
+                    Some(&expected),
+                    &HeaderMap::new(),
+                );
                 body.collect().await.unwrap();
                 assert_eq!(tap.verify(Some(&expected)).unwrap(), good, "{name}");
             }
@@ -260,13 +267,19 @@ mod tests {
         let mut trailers = HeaderMap::new();
         trailers.insert(
             "upload-checksum",
-            format!("sha256 {}", b64(&sha2::Sha256::digest(&data))).parse().unwrap(),
+            format!("sha256 {}", b64(&sha2::Sha256::digest(&data)))
+                .parse()
+                .unwrap(),
         );
         let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
             vec![Ok(Frame::data(data.clone())), Ok(Frame::trailers(trailers))];
         let mut headers = HeaderMap::new();
         headers.insert(http::header::TRAILER, "Upload-Checksum".parse().unwrap());
-        let (body, tap) = wrap(StreamBody::new(futures_util::stream::iter(frames)), None, &headers);
+        let (body, tap) = wrap(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            None,
+            &headers,
+        );
         body.collect().await.unwrap();
         assert!(tap.verify(None).unwrap());
     }

@@ -13,7 +13,7 @@ use http_body::Frame;
 use super::patch::Ctx;
 use super::state::{Completed, Concat, UploadState, now_secs};
 use super::{AppState, metadata, object_key};
-use crate::config::{MAX_PART_SIZE, MIN_PART_SIZE, MAX_PARTS};
+use crate::config::{MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE};
 use crate::error::{Error, Result};
 use crate::keys::UserSegment;
 use crate::s3::Bucket;
@@ -123,7 +123,10 @@ pub async fn assemble(state: &AppState, ctx: &Ctx, id: &str) -> Result<UploadSta
         .fold(0, |acc, &(_, len, crc)| crc64_combine(acc, crc, len));
     let target = ctx.target(&st);
     let bucket = &ctx.store.bucket;
-    let pieces: u64 = sources.iter().map(|s| s.1.div_ceil(MAX_PART_SIZE).max(1)).sum();
+    let pieces: u64 = sources
+        .iter()
+        .map(|s| s.1.div_ceil(MAX_PART_SIZE).max(1))
+        .sum();
     let copyable = total > 0
         && pieces <= MAX_PARTS
         && sources[..sources.len() - 1]
@@ -132,7 +135,10 @@ pub async fn assemble(state: &AppState, ctx: &Ctx, id: &str) -> Result<UploadSta
     let etag_out = if copyable {
         copy_parts(ctx, bucket, &target, &sources, crc).await?
     } else {
-        let body = concatenated(bucket.clone(), sources.iter().map(|s| s.0.clone()).collect());
+        let body = concatenated(
+            bucket.clone(),
+            sources.iter().map(|s| s.0.clone()).collect(),
+        );
         state
             .uploader
             .upload(bucket, target, body, Some(total))
@@ -200,13 +206,10 @@ async fn copy_parts(
     Ok(stored.etag)
 }
 
+type Frames = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>>> + Send>>;
+
 /// The objects `keys`, one after another, as one streaming body.
-fn concatenated(
-    bucket: Bucket,
-    keys: VecDeque<String>,
-) -> http_body_util::StreamBody<
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>>> + Send>>,
-> {
+fn concatenated(bucket: Bucket, keys: VecDeque<String>) -> http_body_util::StreamBody<Frames> {
     struct Cat {
         bucket: Bucket,
         keys: VecDeque<String>,

@@ -147,12 +147,20 @@ mod tests {
 
     #[test]
     fn numbers_are_strict() {
-        assert_eq!(upload_offset(&headers(&[("upload-offset", "42")])).unwrap(), 42);
+        assert_eq!(
+            upload_offset(&headers(&[("upload-offset", "42")])).unwrap(),
+            42
+        );
         for bad in ["", "-1", "+1", "1.0", "0x10", "1 2", "99999999999999999999"] {
-            assert!(upload_offset(&headers(&[("upload-offset", bad)])).is_err(), "{bad:?}");
+            assert!(
+                upload_offset(&headers(&[("upload-offset", bad)])).is_err(),
+                "{bad:?}"
+            );
         }
         assert!(upload_offset(&headers(&[])).is_err());
-        assert!(upload_offset(&headers(&[("upload-offset", "1"), ("upload-offset", "1")])).is_err());
+        assert!(
+            upload_offset(&headers(&[("upload-offset", "1"), ("upload-offset", "1")])).is_err()
+        );
         assert_eq!(upload_length(&headers(&[])).unwrap(), None);
         assert!(defer_length(&headers(&[("upload-defer-length", "1")])).unwrap());
         assert!(defer_length(&headers(&[("upload-defer-length", "0")])).is_err());
@@ -171,8 +179,17 @@ mod tests {
             Some(ConcatHeader::Final(vec![a.into(), b.into()]))
         );
         let partial = headers(&[("upload-concat", "partial")]);
-        assert_eq!(upload_concat(&partial, "/files/").unwrap(), Some(ConcatHeader::Partial));
-        for bad in ["final;", "final;/other/abc", "final;/files/../x", "whole", "final;/files/ABC"] {
+        assert_eq!(
+            upload_concat(&partial, "/files/").unwrap(),
+            Some(ConcatHeader::Partial)
+        );
+        for bad in [
+            "final;",
+            "final;/other/abc",
+            "final;/files/../x",
+            "whole",
+            "final;/files/ABC",
+        ] {
             assert!(
                 upload_concat(&headers(&[("upload-concat", bad)]), "/files/").is_err(),
                 "{bad}"
@@ -184,11 +201,17 @@ mod tests {
     fn dates_and_methods() {
         assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         let h = headers(&[("x-http-method-override", "patch")]);
-        assert_eq!(effective_method(&http::Method::POST, &h).unwrap(), http::Method::PATCH);
+        assert_eq!(
+            effective_method(&http::Method::POST, &h).unwrap(),
+            http::Method::PATCH
+        );
         assert!(is_offset_stream(&headers(&[(
             "content-type",
             "application/offset+octet-stream; charset=x"
         )])));
-        assert!(!is_offset_stream(&headers(&[("content-type", "text/plain")])));
+        assert!(!is_offset_stream(&headers(&[(
+            "content-type",
+            "text/plain"
+        )])));
     }
 }

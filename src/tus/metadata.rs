@@ -155,7 +155,11 @@ mod tests {
 
     #[test]
     fn parses_strictly() {
-        let raw = format!("filename {},is_confidential,filetype {}", b64("a.jpg"), b64("image/jpeg"));
+        let raw = format!(
+            "filename {},is_confidential,filetype {}",
+            b64("a.jpg"),
+            b64("image/jpeg")
+        );
         let pairs = parse(&raw).unwrap();
         assert_eq!(pairs.len(), 3);
         assert_eq!(pairs[1], ("is_confidential".to_owned(), Vec::new()));
@@ -187,7 +191,11 @@ mod tests {
             ("ünïcode ✓.txt", Some("ünïcode ✓.txt")),
         ];
         for (raw, want) in cases {
-            assert_eq!(sanitize_filename(raw.as_bytes()).as_deref(), want, "{raw:?}");
+            assert_eq!(
+                sanitize_filename(raw.as_bytes()).as_deref(),
+                want,
+                "{raw:?}"
+            );
         }
         let long = "é".repeat(200);
         let cut = sanitize_filename(long.as_bytes()).unwrap();

@@ -54,6 +54,20 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route(&format!("{base}{{id}}"), any(resource))
         .layer(middleware::from_fn(tus_headers))
         .layer(cors())
+        .layer(middleware::from_fn_with_state(state.clone(), plain_options))
+}
+
+/// tower-http's CORS layer answers every OPTIONS as a preflight; a tus OPTIONS (no
+/// `Access-Control-Request-Method`) is answered here, before it.
+async fn plain_options(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() == Method::OPTIONS
+        && !req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return options(State(state)).await;
+    }
+    next.run(req).await
 }
 
 /// Browsers (tus-js-client, Uppy) call from other origins. Any origin may: the bearer token is
@@ -107,7 +121,12 @@ async fn tus_headers(req: Request, next: Next) -> Response {
     let options = req.method() == Method::OPTIONS;
     let mut response = if options {
         next.run(req).await
-    } else if req.headers().get("tus-resumable").map(HeaderValue::as_bytes) != Some(TUS_VERSION.as_bytes()) {
+    } else if req
+        .headers()
+        .get("tus-resumable")
+        .map(HeaderValue::as_bytes)
+        != Some(TUS_VERSION.as_bytes())
+    {
         Error::PreconditionFailed("Tus-Resumable must be 1.0.0").into_response()
     } else {
         next.run(req).await
@@ -127,8 +146,14 @@ async fn tus_headers(req: Request, next: Next) -> Response {
 async fn options(State(state): State<AppState>) -> Response {
     let mut h = HeaderMap::new();
     h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
-    h.insert("tus-extension", HeaderValue::from_static(headers::EXTENSIONS));
-    h.insert("tus-max-size", HeaderValue::from(state.tus.settings.max_size));
+    h.insert(
+        "tus-extension",
+        HeaderValue::from_static(headers::EXTENSIONS),
+    );
+    h.insert(
+        "tus-max-size",
+        HeaderValue::from(state.tus.settings.max_size),
+    );
     h.insert(
         "tus-checksum-algorithm",
         HeaderValue::from_static(checksum::ALGORITHMS),
@@ -191,7 +216,9 @@ async fn load_unleased(ctx: &Ctx, id: &str) -> Result<(UploadState, String)> {
         }
         tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20)))).await;
     }
-    Err(Error::Locked("another request is writing this upload; retry"))
+    Err(Error::Locked(
+        "another request is writing this upload; retry",
+    ))
 }
 
 async fn head(state: &AppState, ctx: &Ctx, id: &str) -> Result<Response> {
@@ -202,7 +229,10 @@ async fn head(state: &AppState, ctx: &Ctx, id: &str) -> Result<Response> {
     match &st.concat {
         Some(Concat::Final { partials }) => {
             let urls: Vec<String> = partials.iter().map(|p| format!("{base}{p}")).collect();
-            h.insert("upload-concat", value(&format!("final;{}", urls.join(" ")))?);
+            h.insert(
+                "upload-concat",
+                value(&format!("final;{}", urls.join(" ")))?,
+            );
             // Before it is assembled a final upload has no offset (the spec: SHOULD NOT).
             if st.completed.is_some() {
                 h.insert("upload-offset", HeaderValue::from(st.offset));
@@ -375,7 +405,8 @@ async fn create(
         if has_body {
             return Err(Error::Forbidden("a final upload cannot take data"));
         }
-        let st = concat::create_final(&state, &ctx, &principal.user, &id, partials, raw_meta, info).await?;
+        let st = concat::create_final(&state, &ctx, &principal.user, &id, partials, raw_meta, info)
+            .await?;
         return Ok(created(&state, &parts, &st, None));
     }
     let length = match (length, deferred) {
@@ -425,7 +456,17 @@ async fn create(
     reaper::index(&state, &principal.user, &st).await?;
     let expected = checksum::Expected::from_headers(h)?;
     let (st, wrote) = if with_body || length == Some(0) {
-        match write_detached(&state, &ctx, st.clone(), etag, body, expected, parts.headers.clone()).await {
+        match write_detached(
+            &state,
+            &ctx,
+            st.clone(),
+            etag,
+            body,
+            expected,
+            parts.headers.clone(),
+        )
+        .await
+        {
             Ok((st, _)) => (st, true),
             // The upload exists either way; its Location must reach the client.
             Err(e) => {
@@ -463,7 +504,12 @@ async fn object_key(
     Ok(state.keys.object_key(user, &renamed)?)
 }
 
-fn created(state: &AppState, req: &http::request::Parts, st: &UploadState, offset: Option<u64>) -> Response {
+fn created(
+    state: &AppState,
+    req: &http::request::Parts,
+    st: &UploadState,
+    offset: Option<u64>,
+) -> Response {
     let mut h = HeaderMap::new();
     if let Ok(v) = value(&location(state, req, &st.id)) {
         h.insert(header::LOCATION, v);
@@ -493,8 +539,9 @@ fn location(state: &AppState, req: &http::request::Parts, id: &str) -> String {
         .or_else(|| req.uri.authority().map(http::uri::Authority::as_str))
         .filter(|h| {
             !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+                && h.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                })
         })
         .unwrap_or("localhost");
     let scheme = if state.tus.https { "https" } else { "http" };

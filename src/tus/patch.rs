@@ -22,13 +22,15 @@ use http::HeaderMap;
 use http_body::Body;
 
 use super::checksum::{self, Expected};
-use super::state::{Completed, Lease, PartRecord, Store, TailRecord, UploadState, now_millis, now_secs};
+use super::state::{
+    Completed, Lease, PartRecord, Store, TailRecord, UploadState, now_millis, now_secs,
+};
 use crate::config::{MIN_PART_SIZE, UploadSettings};
 use crate::error::{Error, Result};
 use crate::s3::ObjectMeta;
+use crate::upload::budget::Reservation;
 use crate::upload::part::{Part, PartBuf, crc64_base64, crc64_combine};
 use crate::upload::plan::{PartPlan, too_large};
-use crate::upload::budget::Reservation;
 use crate::upload::{BodyReader, Multipart, Target, Uploader};
 
 /// A lease outlives its holder's death by at most this long; holders renew at half of it.
@@ -230,8 +232,17 @@ impl Writer<'_> {
             if total >= min {
                 self.ensure_lease(true).await?;
                 let part = self.with_tails(body).await?;
-                let mp = self.mp.as_mut().expect("the lease opened the multipart upload");
-                mp.spawn(&self.ctx.store.bucket, &up.metrics, self.next_part, part, reservation);
+                let mp = self
+                    .mp
+                    .as_mut()
+                    .expect("the lease opened the multipart upload");
+                mp.spawn(
+                    &self.ctx.store.bucket,
+                    &up.metrics,
+                    self.next_part,
+                    part,
+                    reservation,
+                );
                 mp.collect(up.settings.parts_in_flight).await?;
                 self.next_part += 1;
             } else if !body.is_empty() {
@@ -252,7 +263,10 @@ impl Writer<'_> {
             self.ensure_lease(false).await?;
             let part = self.with_tails(body).await?;
             let target = self.ctx.target(&self.st);
-            let stored = bucket.put_object(&target.key, part.clone(), &target.meta, false).await.map_err(exists)?;
+            let stored = bucket
+                .put_object(&target.key, part.clone(), &target.meta, false)
+                .await
+                .map_err(exists)?;
             drop(reservation);
             up.metrics.bytes_sent_s3.inc_by(part.len());
             self.completed = Some(Completed {
@@ -263,7 +277,10 @@ impl Writer<'_> {
         }
         self.ensure_lease(true).await?;
         let last = self.with_tails(body).await?;
-        let mp = self.mp.as_mut().expect("the lease opened the multipart upload");
+        let mp = self
+            .mp
+            .as_mut()
+            .expect("the lease opened the multipart upload");
         if !last.is_empty() {
             mp.spawn(&bucket, &up.metrics, self.next_part, last, reservation);
             self.next_part += 1;
@@ -353,11 +370,17 @@ impl Writer<'_> {
                 .lease
                 .as_ref()
                 .is_some_and(|l| l.until > now + LEASE_TTL_MS / 2);
-        if open && self.mp.is_none()
+        if open
+            && self.mp.is_none()
             && let Some(id) = &self.st.multipart
         {
             let up = &self.ctx.uploader;
-            self.mp = Some(Multipart::resume(up, &self.ctx.store.bucket, &self.st.key, id.clone()));
+            self.mp = Some(Multipart::resume(
+                up,
+                &self.ctx.store.bucket,
+                &self.st.key,
+                id.clone(),
+            ));
         }
         let create = open && self.mp.is_none();
         if fresh && !create {
@@ -365,7 +388,8 @@ impl Writer<'_> {
         }
         if create {
             let target = self.ctx.target(&self.st);
-            self.mp = Some(Multipart::create(&self.ctx.uploader, &self.ctx.store.bucket, &target).await?);
+            self.mp =
+                Some(Multipart::create(&self.ctx.uploader, &self.ctx.store.bucket, &target).await?);
         }
         let token = self
             .lease

@@ -144,4 +144,3 @@ async fn reap_one(state: &AppState, marker_key: &str, user: &str, id: &str) -> R
     drop_marker().await?;
     Ok(true)
 }
-

@@ -68,8 +68,12 @@ pub struct TailRecord {
 #[serde(rename_all = "snake_case")]
 pub enum Concat {
     /// A partial upload; `final_id` names a final upload waiting for it.
-    Partial { final_id: Option<String> },
-    Final { partials: Vec<String> },
+    Partial {
+        final_id: Option<String>,
+    },
+    Final {
+        partials: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

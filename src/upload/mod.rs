@@ -245,7 +245,6 @@ where
         Ok(eof)
     }
 
-
     async fn next_data(&mut self) -> Result<Option<Bytes>> {
         loop {
             let Some(frame) = self.body.frame().await else {

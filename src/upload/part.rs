@@ -102,7 +102,12 @@ impl Part {
     /// `self` followed by `other`, without copying bytes (a tus tail before new body bytes).
     pub fn concat(&self, other: &Part) -> Part {
         Part {
-            chunks: self.chunks.iter().chain(other.chunks.iter()).cloned().collect(),
+            chunks: self
+                .chunks
+                .iter()
+                .chain(other.chunks.iter())
+                .cloned()
+                .collect(),
             len: self.len + other.len,
             crc64: crc64_combine(self.crc64, other.crc64, other.len),
         }
