@@ -917,3 +917,119 @@ async fn small_patches_write_amplification() {
     // 10 parts of 5 MiB, never more than the 10,000 limit allows.
     assert_eq!(h.metric("s3up_s3_parts_total").await, 10.0);
 }
+
+/// A checksum mismatch after whole parts already went to S3: nothing is recorded, the parts are
+/// overwritten by the next PATCH, and the object is exactly the right bytes.
+async fn checksum_mismatch_discards_uploaded_parts(h: &Harness) {
+    let t = Tus { h, user: "alice" };
+    let bytes = data(13 * MIB, 31);
+    let url = t
+        .create(Some(bytes.len() as u64), &[("filename", "discard.bin")])
+        .await;
+    let mut wrong = bytes.clone();
+    wrong[12 * MIB] ^= 0xff;
+    let digest = b64(&sha256(&bytes));
+    let sum = format!("sha256 {digest}");
+    // Parts 1 and 2 reach S3 before the last (corrupted) bytes arrive.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let req = t
+        .req(reqwest::Method::PATCH, &url)
+        .header("content-type", OCTETS)
+        .header("upload-offset", "0")
+        .header("upload-checksum", &sum)
+        .body(body)
+        .send();
+    let pending = tokio::spawn(req);
+    tx.send(Ok(wrong[..11 * MIB].to_vec())).await.unwrap();
+    for _ in 0..100 {
+        if h.metric("s3up_s3_parts_total").await >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.send(Ok(wrong[11 * MIB..].to_vec())).await.unwrap();
+    drop(tx);
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status().as_u16(), 460);
+    assert_eq!(t.offset(&url).await, 0);
+    assert!(
+        h.metric("s3up_s3_parts_total").await >= 2.0,
+        "parts went out before the end"
+    );
+    let resp = t
+        .patch(&url, 0, bytes.clone(), &[("upload-checksum", &sum)])
+        .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        sha256(&h.object("uploads/alice/discard.bin").await.unwrap()),
+        sha256(&bytes)
+    );
+}
+
+#[tokio::test]
+async fn checksum_mismatch_discards_uploaded_parts_embedded() {
+    checksum_mismatch_discards_uploaded_parts(&Harness::embedded(&[]).await).await;
+}
+
+#[tokio::test]
+async fn checksum_mismatch_discards_uploaded_parts_moto() {
+    checksum_mismatch_discards_uploaded_parts(&Harness::moto(&[]).await).await;
+}
+
+/// Two requests writing the same upload at once: the second waits for the first's lease and
+/// then gets 409 with the offset the first reached; no byte of either is mixed into the object.
+#[tokio::test]
+async fn concurrent_patches_do_not_clobber_parts() {
+    let h = Harness::embedded(&[]).await;
+    let t = Tus {
+        h: &h,
+        user: "alice",
+    };
+    let bytes = data(16 * MIB, 12);
+    let url = t
+        .create(Some(bytes.len() as u64), &[("filename", "race.bin")])
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let first = tokio::spawn(
+        t.req(reqwest::Method::PATCH, &url)
+            .header("content-type", OCTETS)
+            .header("upload-offset", "0")
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok(bytes[..6 * MIB].to_vec())).await.unwrap();
+    // The first request uploads part 1 and holds the lease while it waits for more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = tokio::spawn(
+        t.req(reqwest::Method::PATCH, &url)
+            .header("content-type", OCTETS)
+            .header("upload-offset", "0")
+            .body(data(16 * MIB, 99))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.send(Ok(bytes[6 * MIB..10 * MIB].to_vec()))
+        .await
+        .unwrap();
+    drop(tx);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::NO_CONTENT);
+    assert_eq!(offset_of(&first), 10 * MIB as u64);
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), StatusCode::CONFLICT);
+    assert_eq!(offset_of(&second), 10 * MIB as u64);
+    let resp = t
+        .patch(&url, 10 * MIB as u64, bytes[10 * MIB..].to_vec(), &[])
+        .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        sha256(&h.object("uploads/alice/race.bin").await.unwrap()),
+        sha256(&bytes)
+    );
+}

@@ -497,3 +497,44 @@ fn exists(e: Error) -> Error {
         e
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GIB, MAX_OBJECT_SIZE, MAX_PARTS, MIB};
+
+    fn state(length: Option<u64>, deferred: bool) -> UploadState {
+        serde_json::from_value(serde_json::json!({
+            "id": "x", "owner": "u", "key": "k", "length": length, "deferred": deferred,
+            "offset": 0, "metadata": null, "content_type": null, "created": 0, "expires": 0,
+            "multipart": null, "concat": null, "completed": null, "lease": null
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn parts_of_at_least_the_minimum_always_fit_in_10000() {
+        let settings = UploadSettings {
+            memory_budget: 1024 * GIB,
+            part_size: 16 * MIB,
+            parts_in_flight: 4,
+            max_object_size: MAX_OBJECT_SIZE,
+        };
+        for len in [0, 1, 50 * MIB, 100 * GIB, 1024 * GIB, MAX_OBJECT_SIZE] {
+            let sizes = Sizes::new(&settings, &state(Some(len), false)).unwrap();
+            let (target, min) = sizes.get(1, 0).unwrap();
+            assert!(min >= MIN_PART_SIZE && min <= target);
+            // Every part but the last has at least `min` bytes.
+            assert!(len.saturating_sub(1) / min < MAX_PARTS, "{len}");
+        }
+        // Small requests fold at 5 MiB, not at the configured 16 MiB part size.
+        let sizes = Sizes::new(&settings, &state(Some(50 * MIB), false)).unwrap();
+        assert_eq!(sizes.get(1, 0).unwrap(), (16 * MIB, 5 * MIB));
+        // Deferred: the minimum grows like the streaming schedule, so 10,000 parts still hold
+        // ~48 TB even when every request is small.
+        let sizes = Sizes::new(&settings, &state(None, true)).unwrap();
+        let capacity: u64 = (1..=10_000).map(|n| sizes.get(n, 0).unwrap().1).sum();
+        assert!(capacity >= 47 * 1024 * GIB, "{capacity}");
+        assert!(sizes.get(10_001, 0).is_err());
+    }
+}
