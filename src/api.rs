@@ -115,6 +115,9 @@ fn endpoint_label(path: Option<&str>) -> &'static str {
         Some("/readyz") => "readyz",
         Some("/metrics") => "metrics",
         Some("/") => "index",
+        // tus routes live under the configurable base path (src/tus).
+        Some(p) if p.ends_with("/{id}") => "tus_upload",
+        Some(p) if p.len() > 1 && p.ends_with('/') => "tus_create",
         _ => "other",
     }
 }

@@ -164,13 +164,27 @@ impl Store {
     }
 
     /// One GET. `None` for an unknown id (or another user's: it lives under their prefix).
+    /// A read that breaks off or does not parse is tried again: S3 itself replaces objects
+    /// atomically, but a body can still break in transit, and the embedded store (s3s-fs)
+    /// rewrites files in place, so a read racing a write can come back short.
     pub async fn load(&self, id: &str) -> Result<Option<(UploadState, String)>> {
-        let Some((bytes, etag)) = self.bucket.get_small(&self.state_key(id)).await? else {
-            return Ok(None);
-        };
-        let state = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Internal(format!("corrupt tus state {id}: {e}")))?;
-        Ok(Some((state, etag)))
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self.bucket.get_small(&self.state_key(id)).await {
+                Ok(None) => return Ok(None),
+                Ok(Some((bytes, etag))) => match serde_json::from_slice(&bytes) {
+                    Ok(state) => return Ok(Some((state, etag))),
+                    Err(e) => Error::Internal(format!("unreadable tus state {id}: {e}")),
+                },
+                Err(e @ Error::S3Unreachable(_)) => e,
+                Err(e) => return Err(e),
+            };
+            if attempt == 3 {
+                return Err(err);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+        }
     }
 
     pub async fn create(&self, state: &UploadState) -> Result<String> {
