@@ -530,7 +530,8 @@ fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(secret.into_bytes())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Creates `path` (it must not exist) readable by its owner only.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -1033,3 +1033,45 @@ async fn concurrent_patches_do_not_clobber_parts() {
         sha256(&bytes)
     );
 }
+
+/// Behind a load balancer the Location is built from `public_url`, never from request headers
+/// a client controls.
+#[tokio::test]
+async fn location_uses_public_url() {
+    let h = Harness::embedded(&[
+        ("S3UP_PUBLIC_URL", "https://up.example.com/"),
+        ("S3UP_TUS_BASE_PATH", "/tus/v1/"),
+    ])
+    .await;
+    let resp = h
+        .http
+        .post(h.url("/tus/v1/"))
+        .bearer_auth(token("alice"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "3")
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let location = resp.headers()["location"].to_str().unwrap();
+    let id = location
+        .strip_prefix("https://up.example.com/tus/v1/")
+        .unwrap_or_else(|| panic!("{location}"));
+    let t = Tus {
+        h: &h,
+        user: "alice",
+    };
+    let local = h.url(&format!("/tus/v1/{id}"));
+    assert_eq!(
+        t.patch(&local, 0, b"abc".to_vec(), &[]).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        h.object(&format!("uploads/alice/{id}")).await.unwrap(),
+        b"abc"
+    );
+    // The default base path is not served when another is configured.
+    let resp = t.create_raw(Some(1), &[], &[]).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}

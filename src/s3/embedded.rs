@@ -85,16 +85,7 @@ pub fn stable_credentials(data_dir: &Path) -> std::io::Result<(String, String)> 
     std::fs::create_dir_all(data_dir)?;
     let access = format!("s3up-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let secret = uuid::Uuid::new_v4().simple().to_string();
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(format!("{access}:{secret}").as_bytes())?;
-    }
+    crate::config::write_private(&path, format!("{access}:{secret}").as_bytes())?;
     Ok((access, secret))
 }
 

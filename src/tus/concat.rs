@@ -195,13 +195,7 @@ async fn copy_parts(
     let stored = bucket
         .complete_multipart(&target.key, &upload_id, parts, &crc64_base64(crc), false)
         .await
-        .map_err(|e| {
-            if crate::s3::is_precondition_failed(&e) {
-                Error::Conflict("an object with this upload's name was created meanwhile")
-            } else {
-                e
-            }
-        })?;
+        .map_err(super::patch::exists)?;
     mp.disarm();
     Ok(stored.etag)
 }

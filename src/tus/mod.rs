@@ -30,6 +30,7 @@ use crate::api::{AppState, Principal};
 use crate::config::TusSettings;
 use crate::error::{Error, Result};
 use crate::keys::UserSegment;
+use crate::upload::plan::PartPlan;
 use headers::{ConcatHeader, TUS_VERSION};
 use patch::Ctx;
 use state::{Concat, Store, UploadState, now_secs};
@@ -143,6 +144,13 @@ async fn tus_headers(req: Request, next: Next) -> Response {
     response
 }
 
+/// `tus_max_size`, or less when the memory budget caps parts (10,000 of them must hold it).
+fn max_size(state: &AppState) -> u64 {
+    PartPlan::new(&state.uploader.settings, None)
+        .map_or(0, |p| p.max_object())
+        .min(state.tus.settings.max_size)
+}
+
 async fn options(State(state): State<AppState>) -> Response {
     let mut h = HeaderMap::new();
     h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
@@ -150,10 +158,7 @@ async fn options(State(state): State<AppState>) -> Response {
         "tus-extension",
         HeaderValue::from_static(headers::EXTENSIONS),
     );
-    h.insert(
-        "tus-max-size",
-        HeaderValue::from(state.tus.settings.max_size),
-    );
+    h.insert("tus-max-size", HeaderValue::from(max_size(&state)));
     h.insert(
         "tus-checksum-algorithm",
         HeaderValue::from_static(checksum::ALGORITHMS),
@@ -192,7 +197,7 @@ async fn ctx(state: &AppState, user: &UserSegment) -> Result<Ctx> {
         uploader: state.uploader.clone(),
         store: Store::new(bucket, &state.keys, user),
         expiry_secs: state.tus.settings.expiry.as_secs().max(1),
-        max_size: state.tus.settings.max_size,
+        max_size: max_size(state),
     })
 }
 
@@ -419,11 +424,11 @@ async fn create(
         }
     };
     if let Some(len) = length
-        && len > settings.max_size
+        && len > ctx.max_size
     {
         return Err(Error::TooLarge(format!(
             "{len} bytes exceeds the maximum upload size of {} bytes",
-            settings.max_size
+            ctx.max_size
         )));
     }
     let partial = matches!(concat, Some(ConcatHeader::Partial));

@@ -490,7 +490,8 @@ fn record(p: &aws_sdk_s3::types::CompletedPart, size: u64, crc64: u64) -> Result
     })
 }
 
-fn exists(e: Error) -> Error {
+/// A conditional write of the user's object lost: someone created that name meanwhile.
+pub fn exists(e: Error) -> Error {
     if crate::s3::is_precondition_failed(&e) {
         Error::Conflict("an object with this upload's name was created meanwhile")
     } else {
