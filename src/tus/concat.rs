@@ -53,30 +53,14 @@ pub async fn create_final(
         )));
     }
     let key = object_key(state, ctx, user, id, info.filename.as_deref()).await?;
-    let now = now_secs();
-    let st = UploadState {
-        id: id.to_owned(),
-        owner: user.as_str().to_owned(),
-        key,
-        length,
-        deferred: false,
-        offset: 0,
-        metadata: raw_meta,
-        content_type: info.content_type,
-        user_metadata: info.user,
-        created: now,
-        expires: now + ctx.expiry_secs,
-        multipart: None,
-        parts: Vec::new(),
-        tails: Vec::new(),
-        concat: Some(Concat::Final {
-            partials: partials.clone(),
-        }),
-        completed: None,
-        lease: None,
-    };
-    ctx.store.create(&st).await?;
-    super::reaper::index(state, user, &st).await?;
+    let mut st = UploadState::new(id, user, key, length, info, ctx.expiry_secs);
+    // A final upload's length is whatever its partials add up to, never deferred by itself.
+    st.deferred = false;
+    st.metadata = raw_meta;
+    st.concat = Some(Concat::Final {
+        partials: partials.clone(),
+    });
+    super::register(state, ctx, user, &st).await?;
     // Tell unfinished partials who waits for them (respecting a writer's lease, so a partial
     // completing right now is not overwritten).
     for pid in &partials {

@@ -33,7 +33,7 @@ use crate::keys::UserSegment;
 use crate::upload::plan::PartPlan;
 use headers::{ConcatHeader, TUS_VERSION};
 use patch::Ctx;
-use state::{Concat, Store, UploadState, now_secs};
+use state::{Concat, Store, UploadState};
 
 pub use reaper::spawn_reaper;
 
@@ -437,28 +437,10 @@ async fn create(
     } else {
         object_key(&state, &ctx, &principal.user, &id, info.filename.as_deref()).await?
     };
-    let now = now_secs();
-    let st = UploadState {
-        id: id.clone(),
-        owner: principal.user.as_str().to_owned(),
-        key,
-        length,
-        deferred,
-        offset: 0,
-        metadata: raw_meta,
-        content_type: info.content_type,
-        user_metadata: info.user,
-        created: now,
-        expires: now + ctx.expiry_secs,
-        multipart: None,
-        parts: Vec::new(),
-        tails: Vec::new(),
-        concat: partial.then_some(Concat::Partial { final_id: None }),
-        completed: None,
-        lease: None,
-    };
-    let etag = ctx.store.create(&st).await?;
-    reaper::index(&state, &principal.user, &st).await?;
+    let mut st = UploadState::new(&id, &principal.user, key, length, info, ctx.expiry_secs);
+    st.metadata = raw_meta;
+    st.concat = partial.then_some(Concat::Partial { final_id: None });
+    let etag = register(&state, &ctx, &principal.user, &st).await?;
     let expected = checksum::Expected::from_headers(h)?;
     let (st, wrote) = if with_body || length == Some(0) {
         match write_detached(
@@ -483,6 +465,18 @@ async fn create(
         (st, false)
     };
     Ok(created(&state, &parts, &st, wrote.then_some(st.offset)))
+}
+
+/// Stores a new upload's state and files it in the expiry index.
+async fn register(
+    state: &AppState,
+    ctx: &Ctx,
+    user: &UserSegment,
+    st: &UploadState,
+) -> Result<String> {
+    let etag = ctx.store.create(st).await?;
+    reaper::index(state, user, st).await?;
+    Ok(etag)
 }
 
 /// The object name: `filename` (sanitized) or the upload id. An existing object of that name

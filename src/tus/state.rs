@@ -91,6 +91,38 @@ pub struct Lease {
 }
 
 impl UploadState {
+    /// A new, empty upload of `length` (`None`: deferred) expiring `expiry_secs` from now;
+    /// callers set `metadata` and `concat`.
+    pub fn new(
+        id: &str,
+        owner: &UserSegment,
+        key: String,
+        length: Option<u64>,
+        info: super::metadata::ObjectInfo,
+        expiry_secs: u64,
+    ) -> Self {
+        let now = now_secs();
+        Self {
+            id: id.to_owned(),
+            owner: owner.as_str().to_owned(),
+            key,
+            length,
+            deferred: length.is_none(),
+            offset: 0,
+            metadata: None,
+            content_type: info.content_type,
+            user_metadata: info.user,
+            created: now,
+            expires: now + expiry_secs,
+            multipart: None,
+            parts: Vec::new(),
+            tails: Vec::new(),
+            concat: None,
+            completed: None,
+            lease: None,
+        }
+    }
+
     pub fn is_partial(&self) -> bool {
         matches!(self.concat, Some(Concat::Partial { .. }))
     }
