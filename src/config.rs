@@ -636,6 +636,47 @@ mod tests {
     }
 
     #[test]
+    fn tus_settings() {
+        let s = external(&[]).unwrap();
+        assert_eq!(s.tus.base_path, "/files/");
+        assert_eq!(s.tus.expiry, Duration::from_secs(24 * 3600));
+        assert_eq!(s.tus.max_size, MAX_OBJECT_SIZE);
+        let s = external(&[
+            ("S3UP_TUS_BASE_PATH", "/api/tus/"),
+            ("S3UP_TUS_EXPIRY", "2h"),
+            ("S3UP_TUS_MAX_SIZE", "1GiB"),
+            ("S3UP_TUS_REAPER_INTERVAL", "30s"),
+        ])
+        .unwrap();
+        assert_eq!(s.tus.base_path, "/api/tus/");
+        assert_eq!(s.tus.expiry, Duration::from_secs(7200));
+        assert_eq!(s.tus.max_size, GIB);
+        assert_eq!(s.tus.reaper_interval, Duration::from_secs(30));
+        for (key, value) in [
+            ("S3UP_TUS_BASE_PATH", "files/"),
+            ("S3UP_TUS_BASE_PATH", "/files"),
+            ("S3UP_TUS_BASE_PATH", "/"),
+            ("S3UP_TUS_BASE_PATH", "/a//b/"),
+            ("S3UP_TUS_BASE_PATH", "/{id}/"),
+            ("S3UP_TUS_EXPIRY", "0s"),
+            ("S3UP_TUS_REAPER_INTERVAL", "0s"),
+            ("S3UP_TUS_MAX_SIZE", "0"),
+        ] {
+            let err = external(&[(key, value)]).unwrap_err();
+            assert!(
+                err.key.starts_with(&key[5..].to_ascii_lowercase()),
+                "{value}: {err}"
+            );
+        }
+        let err = external(&[
+            ("S3UP_MAX_OBJECT_SIZE", "1GiB"),
+            ("S3UP_TUS_MAX_SIZE", "2GiB"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "tus_max_size");
+    }
+
+    #[test]
     fn short_secret_and_missing_auth_rejected() {
         let err = Config::load(
             None,
