@@ -99,6 +99,20 @@ impl Part {
         crc64_base64(self.crc64)
     }
 
+    /// `self` followed by `other`, without copying bytes (a tus tail before new body bytes).
+    pub fn concat(&self, other: &Part) -> Part {
+        Part {
+            chunks: self
+                .chunks
+                .iter()
+                .chain(other.chunks.iter())
+                .cloned()
+                .collect(),
+            len: self.len + other.len,
+            crc64: crc64_combine(self.crc64, other.crc64, other.len),
+        }
+    }
+
     /// A body the SDK can replay on retry without copying the bytes.
     pub fn sdk_body(&self) -> SdkBody {
         let part = self.clone();
