@@ -203,7 +203,7 @@ impl Writer<'_> {
                 want = want.min(r);
             }
             let mut reservation = up.budget.reserve(tails + want).await;
-            let mut buf = PartBuf::default();
+            let mut buf = PartBuf::with_capacity(want);
             let (eof, broken) = match reader.fill(&mut buf, want).await {
                 Ok(eof) => (eof, None),
                 Err(e @ Error::Body(_)) => (true, Some(e)),
@@ -323,12 +323,12 @@ impl Writer<'_> {
         if self.tails.is_empty() {
             return Ok(body);
         }
-        let mut buf = PartBuf::default();
+        let mut buf = PartBuf::with_capacity(self.tail_bytes());
         let mut want = 0;
         for tail in &self.tails {
             let mut stream = self.ctx.store.bucket.get_stream(&tail.key).await?;
             while let Some(chunk) = stream.next().await {
-                buf.push(chunk.map_err(|e| Error::S3Unreachable(e.to_string()))?);
+                buf.push(&chunk.map_err(|e| Error::S3Unreachable(e.to_string()))?);
             }
             want = crc64_combine(want, tail.crc64, tail.size);
         }

@@ -114,7 +114,7 @@ impl Uploader {
                 .ok_or_else(|| too_large(reader.total + 1, plan.max_object()))?;
             let want = reader.remaining().map_or(size, |r| size.min(r));
             let mut reservation = self.budget.reserve(want).await;
-            let mut buf = PartBuf::default();
+            let mut buf = PartBuf::with_capacity(want);
             let eof = reader.fill(&mut buf, want).await?;
             let part = buf.finish();
             reservation.shrink_to(part.len());
@@ -212,18 +212,20 @@ where
     pub(crate) async fn fill(&mut self, buf: &mut PartBuf, want: u64) -> Result<bool> {
         let want = buf.len() + want;
         while buf.len() < want {
-            let mut bytes = match self.carry.take() {
+            let bytes = match self.carry.take() {
                 Some(b) => b,
                 None => match self.next_data().await? {
                     Some(b) => b,
                     None => break,
                 },
             };
-            let room = want - buf.len();
-            if bytes.len() as u64 > room {
-                self.carry = Some(bytes.split_off(room as usize));
+            let room = usize::try_from(want - buf.len()).unwrap_or(usize::MAX);
+            if bytes.len() > room {
+                buf.push(&bytes[..room]);
+                self.carry = Some(bytes.slice(room..));
+            } else {
+                buf.push(&bytes);
             }
-            buf.push(bytes);
         }
         if self.declared.is_none() && self.carry.is_none() && !self.ended {
             // Unknown length and the part is full: look one frame ahead, so a body that ends
