@@ -46,6 +46,7 @@ pub struct Inner {
     pub draining: AtomicBool,
     /// `x-api-key` required by the direct-mode routes, when configured.
     pub api_key: Option<crate::config::Secret>,
+    pub tus: crate::tus::TusConfig,
 }
 
 impl std::ops::Deref for AppState {
@@ -65,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .route("/uploads", get(list_uploads))
         .route("/uploads/{*name}", put(put_upload))
         .merge(crate::direct::routes(state.clone()))
+        .merge(crate::tus::router(&state))
         .fallback(|| async { Error::NotFound })
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -118,6 +120,9 @@ fn endpoint_label(path: Option<&str>) -> &'static str {
         Some("/metrics") => "metrics",
         Some("/") => "index",
         Some(p) if p == "/sts" || p.starts_with("/s3/") => crate::direct::endpoint_label(p),
+        // tus routes live under the configurable base path (src/tus).
+        Some(p) if p.ends_with("/{id}") => "tus_upload",
+        Some(p) if p.len() > 1 && p.ends_with('/') => "tus_create",
         _ => "other",
     }
 }
@@ -210,7 +215,10 @@ async fn put_upload(
     let declared = body.size_hint().exact();
     let target = Target {
         key,
-        meta: ObjectMeta { content_type },
+        meta: ObjectMeta {
+            content_type,
+            ..ObjectMeta::default()
+        },
         overwrite: query.overwrite,
     };
     let bucket = state.users.for_user(&principal.user).await?;

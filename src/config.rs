@@ -103,6 +103,21 @@ pub struct Config {
     /// When set, `/sts` and `/s3/*` also require `x-api-key` with this value (16+ characters).
     pub api_key: Option<Secret>,
     pub api_key_file: Option<PathBuf>,
+    // tus 1.0 resumable uploads (src/tus).
+    /// Where the tus endpoint lives; upload URLs are `{tus_base_path}{id}`. Default `/files/`,
+    /// what tus clients and Uppy expect.
+    pub tus_base_path: String,
+    /// How long an unfinished tus upload lives after its last PATCH (sliding). Default 24h:
+    /// a day to resume a broken upload, while abandoned ones stop costing storage soon.
+    #[serde(with = "humantime_serde")]
+    pub tus_expiry: Duration,
+    /// Largest tus upload (`Tus-Max-Size`, 413 beyond). Default: `max_object_size`.
+    pub tus_max_size: Option<Size>,
+    /// How often each instance looks for expired tus uploads to remove. Default 15m: expired
+    /// uploads go soon after their expiry, and one listing of the (small) expiry index per
+    /// interval costs nothing.
+    #[serde(with = "humantime_serde")]
+    pub tus_reaper_interval: Duration,
 }
 
 impl Default for Config {
@@ -141,6 +156,10 @@ impl Default for Config {
             sts_refresh_margin: Duration::from_secs(300),
             api_key: None,
             api_key_file: None,
+            tus_base_path: "/files/".into(),
+            tus_expiry: Duration::from_secs(24 * 3600),
+            tus_max_size: None,
+            tus_reaper_interval: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -233,6 +252,16 @@ pub struct Settings {
     pub sts: Option<StsSettings>,
     /// Required `x-api-key` for the direct-mode routes.
     pub api_key: Option<Secret>,
+    pub tus: TusSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct TusSettings {
+    /// Starts and ends with `/`.
+    pub base_path: String,
+    pub expiry: Duration,
+    pub max_size: u64,
+    pub reaper_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -456,6 +485,42 @@ impl Config {
             invalid(key, e.reason)
         })?;
 
+        if !(self.tus_base_path.starts_with('/')
+            && self.tus_base_path.ends_with('/')
+            && self.tus_base_path.len() > 1
+            && self.tus_base_path[1..self.tus_base_path.len() - 1]
+                .split('/')
+                .all(|s| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                }))
+        {
+            return Err(invalid(
+                "tus_base_path",
+                "must look like /files/: starts and ends with '/', plain path segments",
+            ));
+        }
+        if self.tus_expiry < Duration::from_secs(1) {
+            return Err(invalid("tus_expiry", "must be at least 1s"));
+        }
+        if self.tus_reaper_interval < Duration::from_secs(1) {
+            return Err(invalid("tus_reaper_interval", "must be at least 1s"));
+        }
+        let tus_max_size = self.tus_max_size.map_or(upload.max_object_size, |s| s.0);
+        if tus_max_size == 0 || tus_max_size > upload.max_object_size {
+            return Err(invalid(
+                "tus_max_size",
+                "must be between 1 byte and max_object_size",
+            ));
+        }
+        let tus = TusSettings {
+            base_path: self.tus_base_path,
+            expiry: self.tus_expiry,
+            max_size: tus_max_size,
+            reaper_interval: self.tus_reaper_interval,
+        };
+
         Ok(Settings {
             listen,
             public_url: self.public_url.map(|u| u.trim_end_matches('/').to_owned()),
@@ -471,6 +536,7 @@ impl Config {
             json_logs,
             sts,
             api_key,
+            tus,
         })
     }
 
@@ -593,7 +659,8 @@ fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(secret.into_bytes())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Creates `path` (it must not exist) readable by its owner only.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -695,6 +762,47 @@ mod tests {
             let err = external(pairs).unwrap_err();
             assert!(err.key.starts_with(key), "{pairs:?}: {err}");
         }
+    }
+
+    #[test]
+    fn tus_settings() {
+        let s = external(&[]).unwrap();
+        assert_eq!(s.tus.base_path, "/files/");
+        assert_eq!(s.tus.expiry, Duration::from_secs(24 * 3600));
+        assert_eq!(s.tus.max_size, MAX_OBJECT_SIZE);
+        let s = external(&[
+            ("S3UP_TUS_BASE_PATH", "/api/tus/"),
+            ("S3UP_TUS_EXPIRY", "2h"),
+            ("S3UP_TUS_MAX_SIZE", "1GiB"),
+            ("S3UP_TUS_REAPER_INTERVAL", "30s"),
+        ])
+        .unwrap();
+        assert_eq!(s.tus.base_path, "/api/tus/");
+        assert_eq!(s.tus.expiry, Duration::from_secs(7200));
+        assert_eq!(s.tus.max_size, GIB);
+        assert_eq!(s.tus.reaper_interval, Duration::from_secs(30));
+        for (key, value) in [
+            ("S3UP_TUS_BASE_PATH", "files/"),
+            ("S3UP_TUS_BASE_PATH", "/files"),
+            ("S3UP_TUS_BASE_PATH", "/"),
+            ("S3UP_TUS_BASE_PATH", "/a//b/"),
+            ("S3UP_TUS_BASE_PATH", "/{id}/"),
+            ("S3UP_TUS_EXPIRY", "0s"),
+            ("S3UP_TUS_REAPER_INTERVAL", "0s"),
+            ("S3UP_TUS_MAX_SIZE", "0"),
+        ] {
+            let err = external(&[(key, value)]).unwrap_err();
+            assert!(
+                err.key.starts_with(&key[5..].to_ascii_lowercase()),
+                "{value}: {err}"
+            );
+        }
+        let err = external(&[
+            ("S3UP_MAX_OBJECT_SIZE", "1GiB"),
+            ("S3UP_TUS_MAX_SIZE", "2GiB"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "tus_max_size");
     }
 
     #[test]

@@ -39,6 +39,26 @@ pub enum Error {
     S3Unreachable(String),
     #[error("unavailable: {0}")]
     Unavailable(&'static str),
+    // tus (src/tus): the protocol's own status codes.
+    /// The upload expired (410).
+    #[error("gone: {0}")]
+    Gone(&'static str),
+    /// Unsupported or missing `Tus-Resumable` (412; the tus layer adds `Tus-Version`).
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(&'static str),
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(&'static str),
+    /// The client's offset is not the upload's (409 with the current `Upload-Offset`).
+    #[error("offset mismatch: the upload is at {0}")]
+    OffsetMismatch(u64),
+    /// `Upload-Checksum` did not match the body (tus: 460); nothing was stored.
+    #[error("checksum mismatch")]
+    ChecksumMismatch,
+    /// Another request is writing this resource right now (423).
+    #[error("locked: {0}")]
+    Locked(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("internal: {0}")]
     Internal(String),
     /// No per-user credentials could be had from STS (503 when worth retrying, else 502).
@@ -53,6 +73,12 @@ pub enum Error {
 const STS_RETRY_AFTER: &str = "5";
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// tus's "460 Checksum Mismatch".
+pub const CHECKSUM_MISMATCH: StatusCode = match StatusCode::from_u16(460) {
+    Ok(s) => s,
+    Err(_) => panic!("460 is a valid status code"),
+};
 
 impl From<KeyError> for Error {
     fn from(e: KeyError) -> Self {
@@ -88,6 +114,13 @@ impl Error {
             Error::Sts(e) if e.transient => StatusCode::SERVICE_UNAVAILABLE,
             Error::Sts(_) => StatusCode::BAD_GATEWAY,
             Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Gone(_) => StatusCode::GONE,
+            Error::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::OffsetMismatch(_) => StatusCode::CONFLICT,
+            Error::ChecksumMismatch => CHECKSUM_MISMATCH,
+            Error::Locked(_) => StatusCode::LOCKED,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -107,6 +140,13 @@ impl Error {
             Error::Internal(_) => "internal",
             Error::Sts(_) => "sts_error",
             Error::NotConfigured(_) => "not_configured",
+            Error::Gone(_) => "gone",
+            Error::PreconditionFailed(_) => "precondition_failed",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
+            Error::OffsetMismatch(_) => "offset_mismatch",
+            Error::ChecksumMismatch => "checksum_mismatch",
+            Error::Locked(_) => "locked",
+            Error::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -147,6 +187,11 @@ impl IntoResponse for Error {
                 header::RETRY_AFTER,
                 HeaderValue::from_static(STS_RETRY_AFTER),
             );
+        }
+        if let Error::OffsetMismatch(offset) = &self {
+            response
+                .headers_mut()
+                .insert("upload-offset", HeaderValue::from(*offset));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

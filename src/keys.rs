@@ -51,6 +51,25 @@ impl UserSegment {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The segment back from its escaped form (as found in a key), if it is one that
+    /// [`UserSegment::new`] produces.
+    pub fn from_escaped(escaped: &str) -> Option<Self> {
+        let mut bytes = Vec::with_capacity(escaped.len());
+        let mut rest = escaped.as_bytes();
+        while let Some((&b, tail)) = rest.split_first() {
+            if b == b'=' {
+                let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                rest = &tail[2..];
+            } else {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+        let seg = Self::new(&String::from_utf8(bytes).ok()?).ok()?;
+        (seg.0 == escaped).then_some(seg)
+    }
 }
 
 /// The key prefix template, e.g. `uploads/{user}/`.
@@ -102,6 +121,12 @@ impl KeyLayout {
             return Err(KeyError::BadName("too long"));
         }
         Ok(key)
+    }
+
+    /// Proxy-wide state outside every user's prefix (the tus expiry index): `uploads/.s3up/`.
+    /// No user prefix can start with it, as escaped user ids never start with `.`.
+    pub fn index_prefix(&self) -> String {
+        format!("{}{RESERVED_SEGMENT}/", self.before)
     }
 
     /// Where our own per-user state lives: `uploads/alice/.s3up/`.
@@ -236,6 +261,14 @@ mod tests {
         assert!(layout().object_key(&alice, &"n".repeat(1010)).is_ok());
         assert!(layout().object_key(&alice, &"n".repeat(1011)).is_err());
         assert_eq!(layout().reserved_prefix(&alice), "uploads/alice/.s3up/");
+        assert_eq!(layout().index_prefix(), "uploads/.s3up/");
+        for id in ["alice", "../bob", "аlice", "a=2Fb", ".x"] {
+            let seg = UserSegment::new(id).unwrap();
+            assert_eq!(UserSegment::from_escaped(seg.as_str()), Some(seg));
+        }
+        for bad in ["", ".x", "a/b", "=2", "=ZZ", "a=2f", "=61"] {
+            assert_eq!(UserSegment::from_escaped(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics;
 pub mod s3;
 pub mod server;
+pub mod tus;
 pub mod upload;
 
 use std::sync::Arc;
@@ -38,8 +39,14 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
     let (endpoint, embedded) = match (endpoint, &settings.backend) {
         (Some(endpoint), _) => (endpoint, None),
         (None, Backend::Embedded { data_dir, bucket }) => {
-            let store =
-                EmbeddedStore::start(data_dir, bucket, ([127, 0, 0, 1], 0).into(), None).await?;
+            let credentials = s3::embedded::stable_credentials(data_dir)?;
+            let store = EmbeddedStore::start(
+                data_dir,
+                bucket,
+                ([127, 0, 0, 1], 0).into(),
+                Some(credentials),
+            )
+            .await?;
             let endpoint = Endpoint::Static {
                 url: store.url(),
                 access_key: store.access_key.clone(),
@@ -90,7 +97,13 @@ pub async fn build(settings: Settings, endpoint: Option<Endpoint>) -> anyhow::Re
         registry: metrics.registry(),
         metrics,
         draining: AtomicBool::new(false),
+        tus: tus::TusConfig {
+            settings: settings.tus.clone(),
+            public_url: settings.public_url.clone(),
+            https: settings.tls.is_some(),
+        },
     }));
+    tus::spawn_reaper(&state);
     Ok(App {
         state,
         settings,

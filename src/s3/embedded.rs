@@ -72,6 +72,23 @@ impl EmbeddedStore {
     }
 }
 
+/// Credentials kept in the data directory, so a restarted store accepts the multipart uploads
+/// it started before (s3s-fs ties each upload to the access key that created it; resumable tus
+/// uploads outlive a restart).
+pub fn stable_credentials(data_dir: &Path) -> std::io::Result<(String, String)> {
+    let path = data_dir.join(".embedded-credentials");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Some((access, secret)) = text.trim().split_once(':')
+    {
+        return Ok((access.to_owned(), secret.to_owned()));
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let access = format!("s3up-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    crate::config::write_private(&path, format!("{access}:{secret}").as_bytes())?;
+    Ok((access, secret))
+}
+
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
         self.task.abort();

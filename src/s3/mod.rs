@@ -14,13 +14,17 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::RequestId;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart, Delete,
+    ObjectIdentifier,
+};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
+use bytes::Bytes;
 use http::StatusCode;
 
 use crate::error::Error;
@@ -185,6 +189,7 @@ impl Bucket {
             .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
             .checksum_crc64_nvme(part.crc64_base64())
             .set_content_type(meta.content_type.clone())
+            .set_metadata(meta.user.clone())
             .body(ByteStream::new(part.sdk_body()));
         if !overwrite {
             req = req.if_none_match("*");
@@ -209,6 +214,7 @@ impl Bucket {
             .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
             .checksum_type(ChecksumType::FullObject)
             .set_content_type(meta.content_type.clone())
+            .set_metadata(meta.user.clone())
             .send()
             .await
             .map_err(s3_error)?;
@@ -291,6 +297,146 @@ impl Bucket {
             .map_err(s3_error)
     }
 
+    /// A small object (tus state) and its ETag; `None` when it does not exist.
+    pub async fn get_small(&self, key: &str) -> Result<Option<(Bytes, String)>, Error> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&*self.name)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => return Ok(None),
+            Err(e) => return Err(s3_error(e)),
+        };
+        let etag = out.e_tag.clone().unwrap_or_default();
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| Error::S3Unreachable(e.to_string()))?
+            .into_bytes();
+        Ok(Some((bytes, etag)))
+    }
+
+    /// Writes a small object under a condition; a lost race is `Error::Conflict`.
+    pub async fn put_small(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        content_type: &str,
+        write: Write<'_>,
+    ) -> Result<String, Error> {
+        let req = self
+            .client
+            .put_object()
+            .bucket(&*self.name)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(bytes));
+        let req = match write {
+            Write::Create => req.if_none_match("*"),
+            Write::Replace(etag) => req.if_match(etag),
+        };
+        match req.send().await {
+            Ok(out) => Ok(out.e_tag.unwrap_or_default()),
+            // 412: the condition failed; 409: a concurrent conditional write; 404: If-Match on
+            // an object that was deleted meanwhile.
+            Err(SdkError::ServiceError(e))
+                if matches!(e.raw().status().as_u16(), 404 | 409 | 412) =>
+            {
+                Err(Error::Conflict("the upload was changed by another request"))
+            }
+            Err(e) => Err(s3_error(e)),
+        }
+    }
+
+    /// Streams an object's bytes.
+    pub async fn get_stream(&self, key: &str) -> Result<ByteStream, Error> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&*self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(s3_error)?;
+        Ok(out.body)
+    }
+
+    /// Deletes objects (missing ones are fine), up to 1,000 per request.
+    pub async fn delete_keys(&self, keys: &[String]) -> Result<(), Error> {
+        for chunk in keys.chunks(1000) {
+            if let [key] = chunk {
+                self.client
+                    .delete_object()
+                    .bucket(&*self.name)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(s3_error)?;
+                continue;
+            }
+            let objects = chunk
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(k).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&*self.name)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(s3_error)?;
+            if let Some(err) = out.errors().first() {
+                return Err(Error::S3 {
+                    status: StatusCode::BAD_GATEWAY,
+                    code: err.code().unwrap_or("Unknown").to_owned(),
+                    message: err.message().unwrap_or_default().to_owned(),
+                    request_id: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies bytes `range` (inclusive, `bytes=a-b`) of `source` into part `number`.
+    pub async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<CompletedPart, Error> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&*self.name)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(format!("{}/{}", self.name, encode_copy_source(source)))
+            .set_copy_source_range(range.map(|(a, b)| format!("bytes={a}-{b}")))
+            .send()
+            .await
+            .map_err(s3_error)?;
+        let etag = out.copy_part_result.and_then(|r| r.e_tag);
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(etag)
+            .build())
+    }
+
     /// One page of the objects under `prefix`.
     pub async fn list(
         &self,
@@ -329,6 +475,28 @@ impl Bucket {
 #[derive(Debug, Clone, Default)]
 pub struct ObjectMeta {
     pub content_type: Option<String>,
+    /// S3 user metadata (`x-amz-meta-*`), already sanitized.
+    pub user: Option<std::collections::HashMap<String, String>>,
+}
+
+/// A condition on a small-object write (tus state): create only, or replace only this version.
+#[derive(Debug, Clone)]
+pub enum Write<'a> {
+    Create,
+    Replace(&'a str),
+}
+
+/// `x-amz-copy-source` is URL-encoded; `/` separates path segments and stays.
+fn encode_copy_source(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Maps an SDK failure (after its retries) to ours, keeping S3's code and request id.

@@ -114,7 +114,9 @@ impl Uploader {
                 .ok_or_else(|| too_large(reader.total + 1, plan.max_object()))?;
             let want = reader.remaining().map_or(size, |r| size.min(r));
             let mut reservation = self.budget.reserve(want).await;
-            let (part, eof) = reader.fill(want).await?;
+            let mut buf = PartBuf::with_capacity(want);
+            let eof = reader.fill(&mut buf, want).await?;
+            let part = buf.finish();
             reservation.shrink_to(part.len());
 
             if number == 1 && eof {
@@ -171,10 +173,11 @@ fn conflict_if_exists(e: Error) -> Error {
 }
 
 /// Pulls frames from the body into parts, splitting a frame at a part boundary (zero-copy).
-struct BodyReader<'m, B> {
+pub(crate) struct BodyReader<'m, B> {
     body: B,
     carry: Option<Bytes>,
-    total: u64,
+    /// Body bytes read so far (including a carried frame not yet placed in a part).
+    pub(crate) total: u64,
     declared: Option<u64>,
     limit: u64,
     ended: bool,
@@ -186,7 +189,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    fn new(body: B, declared: Option<u64>, limit: u64, metrics: &'m Metrics) -> Self {
+    pub(crate) fn new(body: B, declared: Option<u64>, limit: u64, metrics: &'m Metrics) -> Self {
         Self {
             body,
             carry: None,
@@ -199,27 +202,30 @@ where
     }
 
     /// Declared bytes not yet placed in a part.
-    fn remaining(&self) -> Option<u64> {
+    pub(crate) fn remaining(&self) -> Option<u64> {
         let carried = self.carry.as_ref().map_or(0, |c| c.len() as u64);
         self.declared.map(|d| d - (self.total - carried))
     }
 
-    /// Reads up to `want` bytes; the flag is true when the body has ended.
-    async fn fill(&mut self, want: u64) -> Result<(Part, bool)> {
-        let mut buf = PartBuf::default();
+    /// Reads up to `want` more bytes into `buf`; true when the body has ended. On an error the
+    /// bytes read so far stay in `buf`, so a caller can keep them (tus stores partial bodies).
+    pub(crate) async fn fill(&mut self, buf: &mut PartBuf, want: u64) -> Result<bool> {
+        let want = buf.len() + want;
         while buf.len() < want {
-            let mut bytes = match self.carry.take() {
+            let bytes = match self.carry.take() {
                 Some(b) => b,
                 None => match self.next_data().await? {
                     Some(b) => b,
                     None => break,
                 },
             };
-            let room = want - buf.len();
-            if bytes.len() as u64 > room {
-                self.carry = Some(bytes.split_off(room as usize));
+            let room = usize::try_from(want - buf.len()).unwrap_or(usize::MAX);
+            if bytes.len() > room {
+                buf.push(&bytes[..room]);
+                self.carry = Some(bytes.slice(room..));
+            } else {
+                buf.push(&bytes);
             }
-            buf.push(bytes);
         }
         if self.declared.is_none() && self.carry.is_none() && !self.ended {
             // Unknown length and the part is full: look one frame ahead, so a body that ends
@@ -238,7 +244,7 @@ where
                 self.total
             )));
         }
-        Ok((buf.finish(), eof))
+        Ok(eof)
     }
 
     async fn next_data(&mut self) -> Result<Option<Bytes>> {
@@ -266,30 +272,58 @@ where
 
 /// An open multipart upload. Field order matters: in-flight parts are cancelled before the
 /// guard sends the abort.
-struct Multipart {
+pub(crate) struct Multipart {
     in_flight: JoinSet<Result<(CompletedPart, u64, u64)>>,
     done: Vec<(CompletedPart, u64, u64)>,
     guard: AbortGuard,
 }
 
 impl Multipart {
-    async fn create(up: &Uploader, bucket: &Bucket, target: &Target) -> Result<Self> {
+    pub(crate) async fn create(up: &Uploader, bucket: &Bucket, target: &Target) -> Result<Self> {
         let upload_id = bucket.create_multipart(&target.key, &target.meta).await?;
-        Ok(Self {
+        Ok(Self::open(up, bucket, &target.key, upload_id, true))
+    }
+
+    /// An upload that already exists (a tus upload continued by a later request). Its guard
+    /// starts disarmed: the upload outlives a failed request.
+    pub(crate) fn resume(up: &Uploader, bucket: &Bucket, key: &str, upload_id: String) -> Self {
+        Self::open(up, bucket, key, upload_id, false)
+    }
+
+    fn open(up: &Uploader, bucket: &Bucket, key: &str, upload_id: String, armed: bool) -> Self {
+        Self {
             in_flight: JoinSet::new(),
             done: Vec::new(),
             guard: AbortGuard {
                 bucket: bucket.clone(),
-                key: target.key.clone(),
+                key: key.to_owned(),
                 upload_id,
-                armed: true,
+                armed,
                 cleanup: up.cleanup.clone(),
                 metrics: Arc::clone(&up.metrics),
             },
-        })
+        }
     }
 
-    fn spawn(
+    pub(crate) fn upload_id(&self) -> &str {
+        &self.guard.upload_id
+    }
+
+    /// From now on a failure leaves the upload in place (its id is recorded elsewhere).
+    pub(crate) fn disarm(&mut self) {
+        self.guard.armed = false;
+    }
+
+    /// Waits for every part in flight; returns the parts uploaded, in part-number order, as
+    /// (part, length, CRC64NVME).
+    pub(crate) async fn finish_parts(mut self) -> Result<Vec<(CompletedPart, u64, u64)>> {
+        self.collect(1).await?;
+        let mut done = std::mem::take(&mut self.done);
+        done.sort_by_key(|(p, _, _)| p.part_number);
+        Ok(done)
+    }
+
+    pub(crate) fn spawn(
         &mut self,
         bucket: &Bucket,
         metrics: &Arc<Metrics>,
@@ -312,7 +346,7 @@ impl Multipart {
     }
 
     /// Waits until fewer than `limit` parts are in flight; surfaces the first failure.
-    async fn collect(&mut self, limit: usize) -> Result<()> {
+    pub(crate) async fn collect(&mut self, limit: usize) -> Result<()> {
         while let Some(joined) = self.in_flight.try_join_next() {
             self.done
                 .push(joined.map_err(|e| Error::Internal(e.to_string()))??);

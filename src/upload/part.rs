@@ -1,6 +1,9 @@
-//! A part in memory: the body's own `Bytes` frames, kept without copying, plus their CRC64NVME.
-//! Frames smaller than `COALESCE_BELOW` are copied into a shared block instead, so a stream of
-//! tiny chunks cannot pin many mostly-empty read buffers beyond what the budget counts.
+//! A part in memory: one contiguous buffer of the reserved size, filled from the body's frames,
+//! plus its CRC64NVME. One copy per byte buys an exact memory bound: a part pins only its own
+//! buffer, never the connection read buffers its frames came from, and a freed part is one large
+//! block the allocator can hand to the next part or back to the OS at once. Keeping the frames
+//! instead cost ~20 MiB more peak RSS under 50 concurrent uploads (tests/memory.rs). Parts are
+//! joined without copying (a tus tail before new body bytes).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -13,62 +16,39 @@ use bytes::{Bytes, BytesMut};
 use crc_fast::{CrcAlgorithm, Digest};
 use http_body::{Frame, SizeHint};
 
-const COALESCE_BELOW: usize = 4 * 1024;
-const COALESCE_BLOCK: usize = 64 * 1024;
-
 pub struct PartBuf {
-    chunks: Vec<Bytes>,
-    small: BytesMut,
-    len: u64,
+    buf: BytesMut,
     crc: Digest,
 }
 
-impl Default for PartBuf {
-    fn default() -> Self {
+impl PartBuf {
+    /// A buffer for `capacity` bytes, allocated up front (the budget already counts them).
+    pub fn with_capacity(capacity: u64) -> Self {
+        let capacity = usize::try_from(capacity).expect("a part fits in memory");
         Self {
-            chunks: Vec::new(),
-            small: BytesMut::new(),
-            len: 0,
+            buf: BytesMut::with_capacity(capacity),
             crc: Digest::new(CrcAlgorithm::Crc64Nvme),
         }
     }
-}
 
-impl PartBuf {
     pub fn len(&self) -> u64 {
-        self.len
+        self.buf.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.buf.is_empty()
     }
 
-    pub fn push(&mut self, bytes: Bytes) {
-        self.crc.update(&bytes);
-        self.len += bytes.len() as u64;
-        if bytes.len() < COALESCE_BELOW {
-            if self.small.capacity() - self.small.len() < bytes.len() {
-                self.flush_small();
-                self.small.reserve(COALESCE_BLOCK);
-            }
-            self.small.extend_from_slice(&bytes);
-        } else {
-            self.flush_small();
-            self.chunks.push(bytes);
-        }
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.crc.update(bytes);
+        self.buf.extend_from_slice(bytes);
     }
 
-    fn flush_small(&mut self) {
-        if !self.small.is_empty() {
-            self.chunks.push(self.small.split().freeze());
-        }
-    }
-
-    pub fn finish(mut self) -> Part {
-        self.flush_small();
+    pub fn finish(self) -> Part {
+        let len = self.buf.len() as u64;
         Part {
-            chunks: self.chunks.into(),
-            len: self.len,
+            chunks: Arc::new([self.buf.freeze()]),
+            len,
             crc64: self.crc.finalize(),
         }
     }
@@ -99,8 +79,25 @@ impl Part {
         crc64_base64(self.crc64)
     }
 
+    /// `self` followed by `other`, without copying bytes (a tus tail before new body bytes).
+    pub fn concat(&self, other: &Part) -> Part {
+        Part {
+            chunks: self
+                .chunks
+                .iter()
+                .chain(other.chunks.iter())
+                .cloned()
+                .collect(),
+            len: self.len + other.len,
+            crc64: crc64_combine(self.crc64, other.crc64, other.len),
+        }
+    }
+
     /// A body the SDK can replay on retry without copying the bytes.
     pub fn sdk_body(&self) -> SdkBody {
+        if let [single] = &self.chunks[..] {
+            return SdkBody::from(single.clone());
+        }
         let part = self.clone();
         SdkBody::retryable(move || {
             SdkBody::from_body_1_x(ChainBody {
@@ -165,35 +162,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keeps_large_frames_coalesces_small_ones_and_replays() {
-        let mut buf = PartBuf::default();
-        let big = Bytes::from(vec![7u8; 100_000]);
-        buf.push(big.clone());
+    async fn fills_one_buffer_joins_without_copying_and_replays() {
+        let mut buf = PartBuf::with_capacity(103_000);
+        buf.push(&[7u8; 100_000]);
         for i in 0..1000u32 {
-            buf.push(Bytes::from(vec![(i % 251) as u8; 3]));
+            buf.push(&[(i % 251) as u8; 3]);
         }
         let part = buf.finish();
         assert_eq!(part.len(), 103_000);
-        // The big frame is the same allocation, not a copy; 1000 tiny frames became one block.
-        assert_eq!(part.chunks[0].as_ptr(), big.as_ptr());
-        assert_eq!(part.chunks.len(), 2);
-
-        let mut expected = big.to_vec();
+        let mut expected = vec![7u8; 100_000];
         for i in 0..1000u32 {
             expected.extend_from_slice(&[(i % 251) as u8; 3]);
         }
         assert_eq!(part.crc64(), crc(&expected));
-        for _ in 0..2 {
-            let body = part.sdk_body();
-            assert_eq!(body.content_length(), Some(103_000));
-            let replay = body
-                .try_clone()
-                .unwrap()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes();
-            assert_eq!(&replay[..], &expected[..]);
+
+        let mut tail = PartBuf::with_capacity(5);
+        tail.push(b"tail!");
+        let joined = tail.finish().concat(&part);
+        assert_eq!(
+            joined.chunks[1].as_ptr(),
+            part.chunks[0].as_ptr(),
+            "joined without copying"
+        );
+        let whole = [&b"tail!"[..], &expected].concat();
+        assert_eq!(joined.crc64(), crc(&whole));
+
+        for (p, bytes) in [(&part, &expected), (&joined, &whole)] {
+            for _ in 0..2 {
+                let body = p.sdk_body();
+                assert_eq!(body.content_length(), Some(bytes.len() as u64));
+                // The SDK's retry path: the body is cloned without touching the bytes.
+                let replay = body
+                    .try_clone()
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(&replay[..], &bytes[..]);
+            }
         }
     }
 

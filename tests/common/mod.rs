@@ -40,6 +40,16 @@ pub fn settings(
     Config::load(None, env).unwrap().validate(false).unwrap()
 }
 
+/// Logs of the proxy under test, when `S3UP_TEST_LOG` is set (e.g. `debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("S3UP_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn token(user: &str) -> String {
     s3_upload_proxy::auth::mint_hs256(
         SECRET.as_bytes(),
@@ -60,11 +70,13 @@ pub struct Harness {
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
     _moto: Option<Moto>,
+    extra: Vec<(String, String)>,
 }
 
 impl Harness {
     /// Against the embedded store (started in-process by the app itself).
     pub async fn embedded(extra: &[(&str, &str)]) -> Self {
+        init_logs();
         let dir = tempfile::tempdir().unwrap();
         let proxy = start(settings(None, dir.path(), extra), None)
             .await
@@ -77,11 +89,52 @@ impl Harness {
             http: http(),
             _dir: dir,
             _moto: None,
+            extra: owned(extra),
+        }
+    }
+
+    /// Stops the proxy (draining it) and starts a new one on the same address against the same
+    /// store: nothing but S3 survives, as after a deploy or a crash of a stateless instance.
+    pub async fn restart(self) -> Self {
+        let Harness {
+            proxy,
+            s3,
+            bucket,
+            http,
+            _dir,
+            _moto,
+            extra,
+        } = self;
+        let mut env = extra.clone();
+        env.push(("S3UP_LISTEN".into(), proxy.addr.to_string()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (name, endpoint) = match &_moto {
+            Some(m) => (Some(bucket.as_str()), Some(m.endpoint())),
+            None => (None, None),
+        };
+        let settings = settings(name, _dir.path(), &env);
+        proxy.shutdown();
+        proxy.wait().await;
+        let proxy = start(settings, endpoint).await.unwrap();
+        let s3 = if _moto.is_none() {
+            proxy.app.state.bucket.client.clone()
+        } else {
+            s3
+        };
+        Harness {
+            proxy,
+            s3,
+            bucket,
+            http,
+            _dir,
+            _moto,
+            extra,
         }
     }
 
     /// Against moto_server.
     pub async fn moto(extra: &[(&str, &str)]) -> Self {
+        init_logs();
         let moto = Moto::start();
         let s3 = moto.client().await;
         s3.create_bucket()
@@ -103,6 +156,7 @@ impl Harness {
             http: http(),
             _dir: dir,
             _moto: Some(moto),
+            extra: owned(extra),
         }
     }
 
@@ -124,6 +178,7 @@ impl Harness {
             http: http(),
             _dir: dir,
             _moto: None,
+            extra: owned(extra),
         }
     }
 
@@ -136,6 +191,7 @@ impl Harness {
             http: http(),
             _dir: dir,
             _moto: None,
+            extra: Vec::new(),
         }
     }
 
@@ -179,6 +235,13 @@ impl Harness {
             .unwrap();
         metric(&text, name)
     }
+}
+
+fn owned(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 pub fn metric(text: &str, name: &str) -> f64 {
@@ -230,7 +293,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn venv_bin(name: &str) -> PathBuf {
+pub fn venv_bin(name: &str) -> PathBuf {
     let venv = std::env::var_os("S3UP_TEST_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv"));
@@ -410,6 +473,7 @@ impl Harness {
             http: http(),
             _dir: dir,
             _moto: Some(moto),
+            extra: owned(&env),
         };
         (h, iam)
     }
