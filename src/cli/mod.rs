@@ -391,17 +391,19 @@ impl Backoff {
 pub async fn describe(resp: reqwest::Response) -> String {
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    let detail = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| {
-            let m = v.get("message").and_then(|m| m.as_str()).map(str::to_owned);
-            let code = v.get("error").and_then(|c| c.as_str()).map(str::to_owned);
-            match (code, m) {
-                (Some(c), Some(m)) => Some(format!("{c}: {m}")),
-                (c, m) => c.or(m),
-            }
-        })
-        .unwrap_or_else(|| text.chars().filter(|c| !c.is_control()).take(200).collect());
+    let json = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let field = |k: &str| {
+        json.as_ref()
+            .and_then(|v| v.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let detail = match (field("error"), field("message")) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        (None, Some(m)) => m,
+        (None, None) => text.chars().filter(|c| !c.is_control()).take(200).collect(),
+    };
     if detail.is_empty() {
         format!("the server answered {status}")
     } else {

@@ -15,13 +15,10 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::state::{self, StateFile};
 use super::{Backoff, CliError, Ctx, Kind, LocalFile, Uploaded, describe, progress_bar, transport};
+use crate::tus::{CHECKSUM_HEADER, KEY_HEADER};
 use crate::upload::part::crc64_base64;
 
 const TUS_VERSION: &str = "1.0.0";
-/// The object key, percent-encoded, on HEAD of a finished upload (and the PATCH finishing it).
-pub const KEY_HEADER: &str = "s3up-key";
-/// The object's full-object CRC64NVME (base64, as S3 reports it), next to [`KEY_HEADER`].
-pub const CHECKSUM_HEADER: &str = "s3up-checksum-crc64nvme";
 /// Read size for request bodies.
 const READ_BUF: u64 = 256 * 1024;
 /// Uploads created for one file in one run before giving up (each after the previous vanished).
