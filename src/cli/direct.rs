@@ -33,9 +33,10 @@ const MIB: u64 = 1 << 20;
 const MIN_PART: u64 = 5 * MIB;
 const MAX_PART: u64 = 5 * 1024 * MIB;
 const MAX_PARTS: u64 = 10_000;
-/// The SDK asks for new credentials this long before the current ones expire (plus up to half
-/// again as jitter). The proxy hands out credentials valid for at least its refresh margin
-/// (60 s or more), so this stays below it.
+/// The SDK's identity cache asks for new credentials between this long and half this long
+/// before the current ones expire (it jitters the point). The proxy hands out credentials valid
+/// for at least its refresh margin (60 s or more), so this stays below it: fresh credentials
+/// are never "about to expire" at once, which would mean a `/sts` call per request.
 const REFRESH_BEFORE: Duration = Duration::from_secs(45);
 
 /// The answer of `GET /sts`.
@@ -259,33 +260,9 @@ impl Direct {
         );
         let answer = provider.fetch().await?;
         provider.seed(answer.credentials.to_sdk()?).await;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .credentials_provider(provider.clone())
-            .identity_cache(
-                IdentityCache::lazy()
-                    .buffer_time(REFRESH_BEFORE)
-                    .load_timeout(Duration::from_secs(120))
-                    .build(),
-            );
-        if !answer.region.is_empty() {
-            loader = loader.region(aws_config::Region::new(answer.region.clone()));
-        }
-        let shared = loader.load().await;
-        let custom_endpoint = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
-        let config = aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(custom_endpoint)
-            .retry_config(RetryConfig::standard().with_max_attempts(ctx.args.retries.max(1)))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(15))
-                    .operation_attempt_timeout(Duration::from_secs(600))
-                    .build(),
-            )
-            .build();
+        let client = s3_client(provider.clone(), &answer.region, ctx.args.retries, None).await;
         Ok(Self {
-            client: aws_sdk_s3::Client::from_conf(config),
+            client,
             bucket: answer.bucket,
             prefix: answer.prefix,
             provider,
@@ -460,6 +437,47 @@ impl Direct {
     }
 }
 
+/// The S3 client for `/sts` credentials: the SDK's identity cache asks `provider` again
+/// [`REFRESH_BEFORE`] (plus jitter) before the credentials it holds expire. `endpoint` overrides
+/// the endpoint aws-config finds (tests).
+pub async fn s3_client(
+    provider: StsProvider,
+    region: &str,
+    retries: u32,
+    endpoint: Option<&str>,
+) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .credentials_provider(provider)
+        .identity_cache(
+            IdentityCache::lazy()
+                .buffer_time(REFRESH_BEFORE)
+                .load_timeout(Duration::from_secs(120))
+                .build(),
+        );
+    if !region.is_empty() {
+        loader = loader.region(aws_config::Region::new(region.to_owned()));
+    }
+    if let Some(url) = endpoint {
+        loader = loader.endpoint_url(url);
+    }
+    let shared = loader.load().await;
+    let custom_endpoint = endpoint.is_some()
+        || ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    let config = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(custom_endpoint)
+        .retry_config(RetryConfig::standard().with_max_attempts(retries.saturating_add(1)))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(15))
+                .operation_attempt_timeout(Duration::from_secs(600))
+                .build(),
+        )
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
 /// S3's full-object checksum must be ours (when it reports one).
 fn confirm(stored: Option<&str>, ours: String) -> Result<String, CliError> {
     match stored {
@@ -602,37 +620,98 @@ mod tests {
         assert_eq!(bad.to_sdk().unwrap_err().kind, Kind::Unavailable);
     }
 
-    /// A fake `/sts` that counts calls and hands out credentials expiring `ttl` from now.
+    /// A fake proxy `/sts` that counts calls and hands out credentials expiring `ttl` from now,
+    /// and a fake S3 that records the access key id each request was signed with.
     async fn fake_sts(ttl: Duration) -> (Url, Arc<AtomicU64>) {
-        use axum::routing::get;
+        let (url, calls, _) = fake(ttl).await;
+        (url.join("/sts").unwrap(), calls)
+    }
+
+    async fn fake(ttl: Duration) -> (Url, Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<String>>>) {
+        use axum::routing::{get, put};
         let calls = Arc::new(AtomicU64::new(0));
+        let keys = Arc::new(std::sync::Mutex::new(Vec::new()));
         let counter = Arc::clone(&calls);
-        let app = axum::Router::new().route(
-            "/sts",
-            get(move |headers: http::HeaderMap| {
-                let counter = Arc::clone(&counter);
-                async move {
-                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                    if headers.get("authorization").and_then(|v| v.to_str().ok())
-                        != Some("Bearer tok")
-                    {
-                        return (StatusCode::UNAUTHORIZED, "{}".to_owned());
+        let seen = Arc::clone(&keys);
+        let app = axum::Router::new()
+            .route(
+                "/sts",
+                get(move |headers: http::HeaderMap| {
+                    let counter = Arc::clone(&counter);
+                    async move {
+                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                        if headers.get("authorization").and_then(|v| v.to_str().ok())
+                            != Some("Bearer tok")
+                        {
+                            return (StatusCode::UNAUTHORIZED, "{}".to_owned());
+                        }
+                        let expiry = aws_smithy_types::DateTime::from(SystemTime::now() + ttl)
+                            .fmt(aws_smithy_types::date_time::Format::DateTime)
+                            .unwrap();
+                        let body = serde_json::json!({
+                            "credentials": {"AccessKeyId": format!("AK{n}"), "SecretAccessKey": "s",
+                                            "SessionToken": "t", "Expiration": expiry},
+                            "bucket": "b", "region": "us-east-1", "prefix": "uploads/alice/"});
+                        (StatusCode::OK, body.to_string())
                     }
-                    let expiry = aws_smithy_types::DateTime::from(SystemTime::now() + ttl)
-                        .fmt(aws_smithy_types::date_time::Format::DateTime)
-                        .unwrap();
-                    let body = serde_json::json!({
-                        "credentials": {"AccessKeyId": format!("AK{n}"), "SecretAccessKey": "s",
-                                        "SessionToken": "t", "Expiration": expiry},
-                        "bucket": "b", "region": "us-east-1", "prefix": "uploads/alice/"});
-                    (StatusCode::OK, body.to_string())
-                }
-            }),
-        );
+                }),
+            )
+            .route(
+                "/b/{*key}",
+                put(move |headers: http::HeaderMap| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        let auth = headers["authorization"].to_str().unwrap().to_owned();
+                        let key = auth
+                            .split("Credential=")
+                            .nth(1)
+                            .and_then(|c| c.split('/').next())
+                            .unwrap()
+                            .to_owned();
+                        seen.lock().unwrap().push(key);
+                        (StatusCode::OK, [("etag", "\"e\"")])
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (Url::parse(&format!("http://{addr}/sts")).unwrap(), calls)
+        (Url::parse(&format!("http://{addr}")).unwrap(), calls, keys)
+    }
+
+    /// Through the client `--direct` uses: requests are signed with the seed while it is
+    /// fresh, and with newly fetched credentials once the ones held near expiry.
+    #[tokio::test]
+    async fn s3_requests_use_fresh_credentials_as_they_near_expiry() {
+        for (ttl, expected) in [
+            (Duration::from_secs(3600), ["AK1", "AK1", "AK1"]),
+            // Within the refresh window from the start (less than half of it, whatever the
+            // jitter): every request fetches anew.
+            (Duration::from_secs(20), ["AK2", "AK3", "AK4"]),
+        ] {
+            let (base, _, keys) = fake(ttl).await;
+            let provider = StsProvider::new(
+                reqwest::Client::new(),
+                base.join("/sts").unwrap(),
+                "tok".into(),
+                None,
+                0,
+            );
+            let first = provider.fetch().await.unwrap();
+            provider.seed(first.credentials.to_sdk().unwrap()).await;
+            let client = s3_client(provider.clone(), "us-east-1", 0, Some(base.as_str())).await;
+            for _ in 0..3 {
+                client
+                    .put_object()
+                    .bucket("b")
+                    .key("uploads/alice/x")
+                    .body(ByteStream::from_static(b"x"))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(*keys.lock().unwrap(), expected, "ttl {ttl:?}");
+        }
     }
 
     #[tokio::test]
