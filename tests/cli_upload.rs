@@ -7,6 +7,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -327,4 +329,106 @@ async fn direct_uploads_land_under_the_users_prefix_in_s3() {
     let out = run(direct(&["--overwrite"], std::slice::from_ref(&one))).await;
     assert_ok(&out);
     assert_eq!(h.object("uploads/alice/one.txt").await.unwrap(), changed);
+}
+
+/// A TCP relay to `upstream` that breaks the first connection on which more than `cut_after`
+/// bytes go from client to server; returns its address and how many connections it broke.
+async fn breaking_relay(
+    upstream: std::net::SocketAddr,
+    cut_after: usize,
+) -> (std::net::SocketAddr, Arc<AtomicU32>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cuts = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&cuts);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let mut buf = vec![0; 64 * 1024];
+                let mut sent = 0;
+                loop {
+                    let n = match client_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if sent + n > cut_after && counter.load(Ordering::SeqCst) == 0 {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        // Dropping both halves of both sockets breaks the request mid-body.
+                        down.abort();
+                        return;
+                    }
+                    sent += n;
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = server_write.shutdown().await;
+                let _ = down.await;
+            });
+        }
+    });
+    (addr, cuts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tus_upload_survives_a_broken_connection_in_one_run() {
+    let h = Harness::embedded(&[]).await;
+    let (relay, cuts) = breaking_relay(h.proxy.addr, 3 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let len = 16 * MIB + 3;
+    let bytes = data(len, 11);
+    let path = write(dir.path(), "broken.bin", &bytes);
+    let mut cmd = cli(&format!("http://{relay}"), &state);
+    cmd.args(["--chunk-size", "8MiB", "--retries", "3"])
+        .env("S3UP_TOKEN", token("alice"))
+        .arg(&path);
+    let out = run(cmd).await;
+    assert_ok(&out);
+    assert_eq!(
+        cuts.load(Ordering::SeqCst),
+        1,
+        "the relay broke no connection"
+    );
+    assert_eq!(
+        lines(&out),
+        vec![(
+            "uploads/alice/broken.bin".to_owned(),
+            len as u64,
+            crc64nvme(&bytes)
+        )]
+    );
+    let stored = h.object("uploads/alice/broken.bin").await.unwrap();
+    assert_eq!(sha256(&stored), sha256(&bytes));
+    // The same upload went on (HEAD, then PATCH from the proxy's offset): one creation, and
+    // nothing was sent twice but what the broken connection carried.
+    let text = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await;
+    let created: f64 = text
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("s3up_http_requests_total{") && l.contains("\"tus_create\""))
+        .filter(|l| l.contains("status=\"201\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(created, 1.0);
+    let received = h.metric("s3up_received_bytes_total").await;
+    assert!(
+        received <= (len + 3 * MIB) as f64,
+        "the proxy received {received} bytes for a {len}-byte file"
+    );
 }
