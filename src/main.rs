@@ -49,11 +49,6 @@ enum Command {
     },
 }
 
-/// mimalloc returns freed part buffers to the OS within milliseconds, so peak RSS follows the
-/// part budget; glibc's malloc kept ~90 MiB more under 50 concurrent uploads (tests/memory.rs).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// EX_USAGE: configuration the operator must fix.
 const EXIT_CONFIG: u8 = 64;
 

@@ -29,7 +29,7 @@ use crate::config::{MIN_PART_SIZE, UploadSettings};
 use crate::error::{Error, Result};
 use crate::s3::ObjectMeta;
 use crate::upload::budget::Reservation;
-use crate::upload::part::{Part, PartBuf, crc64_base64, crc64_combine};
+use crate::upload::part::{Part, crc64_base64, crc64_combine};
 use crate::upload::plan::{PartPlan, too_large};
 use crate::upload::{BodyReader, Multipart, Target, Uploader};
 
@@ -203,7 +203,7 @@ impl Writer<'_> {
                 want = want.min(r);
             }
             let mut reservation = up.budget.reserve(tails + want).await;
-            let mut buf = PartBuf::with_capacity(want);
+            let mut buf = up.budget.part_buf(want);
             let (eof, broken) = match reader.fill(&mut buf, want).await {
                 Ok(eof) => (eof, None),
                 Err(e @ Error::Body(_)) => (true, Some(e)),
@@ -323,7 +323,7 @@ impl Writer<'_> {
         if self.tails.is_empty() {
             return Ok(body);
         }
-        let mut buf = PartBuf::with_capacity(self.tail_bytes());
+        let mut buf = self.ctx.uploader.budget.part_buf(self.tail_bytes());
         let mut want = 0;
         for tail in &self.tails {
             let mut stream = self.ctx.store.bucket.get_stream(&tail.key).await?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::part::{BLOCK, BlockPool, PartBuf};
 use crate::metrics::Metrics;
 
 /// Permits are KiB so that one acquire (u32 permits) can cover a 5 GiB part.
@@ -17,6 +18,8 @@ pub struct Budget {
     semaphore: Arc<Semaphore>,
     units: u64,
     metrics: Arc<Metrics>,
+    /// Where reserved bytes live: blocks recycled between parts.
+    pool: BlockPool,
 }
 
 #[derive(Debug)]
@@ -29,6 +32,16 @@ fn units(bytes: u64) -> u64 {
     bytes.div_ceil(UNIT)
 }
 
+/// What holding `bytes` costs: pooled parts occupy whole blocks.
+fn charge(bytes: u64) -> u64 {
+    let block = BLOCK as u64;
+    if bytes >= block {
+        bytes.div_ceil(block) * block
+    } else {
+        bytes
+    }
+}
+
 impl Budget {
     pub fn new(bytes: u64, metrics: Arc<Metrics>) -> Self {
         let units = units(bytes);
@@ -39,12 +52,18 @@ impl Budget {
             semaphore: Arc::new(Semaphore::new(units as usize)),
             units,
             metrics,
+            pool: BlockPool::default(),
         }
+    }
+
+    /// A part buffer for `capacity` reserved bytes.
+    pub fn part_buf(&self, capacity: u64) -> PartBuf {
+        PartBuf::new(&self.pool, capacity)
     }
 
     /// Waits (fairly, FIFO) until `bytes` fit in the budget.
     pub async fn reserve(&self, bytes: u64) -> Reservation {
-        let n = units(bytes).min(self.units);
+        let n = units(charge(bytes)).min(self.units);
         let permit = Arc::clone(&self.semaphore)
             .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
             .await
@@ -66,7 +85,7 @@ impl Budget {
 impl Reservation {
     /// Gives back what a short (final) part did not use.
     pub fn shrink_to(&mut self, bytes: u64) {
-        let keep = units(bytes) as usize;
+        let keep = units(charge(bytes)) as usize;
         let extra = self.permit.num_permits().saturating_sub(keep);
         if let Some(released) = self.permit.split(extra) {
             self.metrics

@@ -114,7 +114,7 @@ impl Uploader {
                 .ok_or_else(|| too_large(reader.total + 1, plan.max_object()))?;
             let want = reader.remaining().map_or(size, |r| size.min(r));
             let mut reservation = self.budget.reserve(want).await;
-            let mut buf = PartBuf::with_capacity(want);
+            let mut buf = self.budget.part_buf(want);
             let eof = reader.fill(&mut buf, want).await?;
             let part = buf.finish();
             reservation.shrink_to(part.len());

@@ -1,13 +1,13 @@
-//! A part in memory: one contiguous buffer of the reserved size, filled from the body's frames,
-//! plus its CRC64NVME. One copy per byte buys an exact memory bound: a part pins only its own
-//! buffer, never the connection read buffers its frames came from, and a freed part is one large
-//! block the allocator can hand to the next part or back to the OS at once. Keeping the frames
-//! instead cost ~20 MiB more peak RSS under 50 concurrent uploads (tests/memory.rs). Parts are
-//! joined without copying (a tus tail before new body bytes).
+//! A part in memory, plus its CRC64NVME. Bytes are copied once from the body's frames into
+//! 1 MiB blocks that are recycled through a [`BlockPool`] instead of being freed: a part pins only
+//! its own blocks (never the connection read buffers its frames came from), and the memory a part
+//! used is the memory the next part uses, so RSS follows the budget instead of the allocator's
+//! habits (freed pages kept in RSS, fragmentation). Parts below one block are exact allocations.
+//! Parts are joined without copying (a tus tail before new body bytes).
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use aws_smithy_types::body::SdkBody;
@@ -16,40 +16,143 @@ use bytes::{Bytes, BytesMut};
 use crc_fast::{CrcAlgorithm, Digest};
 use http_body::{Frame, SizeHint};
 
+/// Block size: large enough that a part is a few dozen blocks, small enough that rounding a part
+/// up to whole blocks wastes little.
+pub const BLOCK: usize = 1 << 20;
+
+/// Free blocks, shared by all uploads of one app. It only ever holds blocks that parts used, so
+/// it never exceeds the largest amount of part memory in use at once (bounded by the budget).
+#[derive(Clone, Debug, Default)]
+pub struct BlockPool(Arc<Mutex<Vec<Box<[u8]>>>>);
+
+impl BlockPool {
+    fn take(&self) -> Box<[u8]> {
+        let recycled = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        recycled.unwrap_or_else(|| vec![0; BLOCK].into_boxed_slice())
+    }
+
+    fn put(&self, block: Box<[u8]>) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(block);
+    }
+
+    /// Free blocks held (for tests and metrics).
+    pub fn idle_blocks(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// A filled block; dropping the last `Bytes` that refers to it returns it to the pool.
+struct Block {
+    buf: Option<Box<[u8]>>,
+    len: usize,
+    pool: BlockPool,
+}
+
+impl AsRef<[u8]> for Block {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_deref().map_or(&[], |b| &b[..self.len])
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.put(buf);
+        }
+    }
+}
+
 pub struct PartBuf {
-    buf: BytesMut,
+    done: Vec<Bytes>,
+    current: Option<(Box<[u8]>, usize)>,
+    small: Option<BytesMut>,
+    pool: BlockPool,
+    len: u64,
     crc: Digest,
 }
 
 impl PartBuf {
-    /// A buffer for `capacity` bytes, allocated up front (the budget already counts them).
-    pub fn with_capacity(capacity: u64) -> Self {
-        let capacity = usize::try_from(capacity).expect("a part fits in memory");
+    /// A buffer for about `capacity` bytes: pooled blocks from one block up, an exact
+    /// allocation below that.
+    pub fn new(pool: &BlockPool, capacity: u64) -> Self {
+        let small = usize::try_from(capacity)
+            .ok()
+            .filter(|&c| c < BLOCK)
+            .map(BytesMut::with_capacity);
         Self {
-            buf: BytesMut::with_capacity(capacity),
+            done: Vec::new(),
+            current: None,
+            small,
+            pool: pool.clone(),
+            len: 0,
             crc: Digest::new(CrcAlgorithm::Crc64Nvme),
         }
     }
 
     pub fn len(&self) -> u64 {
-        self.buf.len() as u64
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.len == 0
     }
 
-    pub fn push(&mut self, bytes: &[u8]) {
+    pub fn push(&mut self, mut bytes: &[u8]) {
         self.crc.update(bytes);
-        self.buf.extend_from_slice(bytes);
+        self.len += bytes.len() as u64;
+        if let Some(small) = &mut self.small {
+            return small.extend_from_slice(bytes);
+        }
+        while !bytes.is_empty() {
+            let (block, used) = self.current.get_or_insert_with(|| (self.pool.take(), 0));
+            let n = bytes.len().min(BLOCK - *used);
+            block[*used..*used + n].copy_from_slice(&bytes[..n]);
+            *used += n;
+            bytes = &bytes[n..];
+            if *used == BLOCK {
+                self.seal();
+            }
+        }
     }
 
-    pub fn finish(self) -> Part {
-        let len = self.buf.len() as u64;
+    fn seal(&mut self) {
+        if let Some((buf, len)) = self.current.take() {
+            self.done.push(Bytes::from_owner(Block {
+                buf: Some(buf),
+                len,
+                pool: self.pool.clone(),
+            }));
+        }
+    }
+
+    pub fn finish(mut self) -> Part {
+        self.seal();
+        if let Some(small) = self.small.take() {
+            self.done.push(small.freeze());
+        }
         Part {
-            chunks: Arc::new([self.buf.freeze()]),
-            len,
+            chunks: std::mem::take(&mut self.done).into(),
+            len: self.len,
             crc64: self.crc.finalize(),
+        }
+    }
+}
+
+impl Drop for PartBuf {
+    fn drop(&mut self) {
+        // An unfinished buffer (an error mid-part) still gives its block back.
+        if let Some((buf, _)) = self.current.take() {
+            self.pool.put(buf);
         }
     }
 }
@@ -95,9 +198,6 @@ impl Part {
 
     /// A body the SDK can replay on retry without copying the bytes.
     pub fn sdk_body(&self) -> SdkBody {
-        if let [single] = &self.chunks[..] {
-            return SdkBody::from(single.clone());
-        }
         let part = self.clone();
         SdkBody::retryable(move || {
             SdkBody::from_body_1_x(ChainBody {
@@ -162,21 +262,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fills_one_buffer_joins_without_copying_and_replays() {
-        let mut buf = PartBuf::with_capacity(103_000);
-        buf.push(&[7u8; 100_000]);
-        for i in 0..1000u32 {
-            buf.push(&[(i % 251) as u8; 3]);
+    async fn fills_pooled_blocks_joins_without_copying_and_replays() {
+        let pool = BlockPool::default();
+        let mut buf = PartBuf::new(&pool, 3 * BLOCK as u64);
+        let mut expected = Vec::new();
+        for i in 0..300u32 {
+            let frame = vec![(i % 251) as u8; 10_007];
+            buf.push(&frame);
+            expected.extend_from_slice(&frame);
         }
         let part = buf.finish();
-        assert_eq!(part.len(), 103_000);
-        let mut expected = vec![7u8; 100_000];
-        for i in 0..1000u32 {
-            expected.extend_from_slice(&[(i % 251) as u8; 3]);
-        }
+        assert_eq!(part.len(), expected.len() as u64);
+        assert_eq!(part.chunks.len(), 3, "2 full blocks and a partial one");
         assert_eq!(part.crc64(), crc(&expected));
 
-        let mut tail = PartBuf::with_capacity(5);
+        let mut tail = PartBuf::new(&pool, 5);
         tail.push(b"tail!");
         let joined = tail.finish().concat(&part);
         assert_eq!(
@@ -191,7 +291,6 @@ mod tests {
             for _ in 0..2 {
                 let body = p.sdk_body();
                 assert_eq!(body.content_length(), Some(bytes.len() as u64));
-                // The SDK's retry path: the body is cloned without touching the bytes.
                 let replay = body
                     .try_clone()
                     .unwrap()
@@ -202,6 +301,24 @@ mod tests {
                 assert_eq!(&replay[..], &bytes[..]);
             }
         }
+        // Dropping the parts gives every block back, and the next part reuses them.
+        let blocks: Vec<*const u8> = part.chunks.iter().map(|c| c.as_ptr()).collect();
+        drop((part, joined));
+        assert_eq!(pool.idle_blocks(), 3);
+        let mut again = PartBuf::new(&pool, BLOCK as u64);
+        again.push(&[1]);
+        drop(again);
+        assert_eq!(pool.idle_blocks(), 3);
+        let mut reuse = PartBuf::new(&pool, BLOCK as u64);
+        reuse.push(&[2; 10]);
+        let reused = reuse.finish();
+        assert_eq!(pool.idle_blocks(), 2);
+        assert!(
+            blocks.contains(&reused.chunks[0].as_ptr()),
+            "a recycled block, not a new one"
+        );
+        drop(reused);
+        assert_eq!(pool.idle_blocks(), 3);
     }
 
     #[test]
