@@ -32,6 +32,8 @@ enum Command {
         #[arg(long, env = "S3UP_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Upload files through the proxy (tus, resumable) or straight to S3 (--direct).
+    Upload(s3_upload_proxy::cli::UploadArgs),
     /// Run only the embedded S3-compatible store (for tests and benchmarks).
     Store {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -90,6 +92,9 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Upload(args) => {
+            ExitCode::from(runtime().block_on(s3_upload_proxy::cli::run(args)))
         }
         Command::Store {
             listen,

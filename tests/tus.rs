@@ -500,6 +500,8 @@ async fn metadata_names_the_object() {
             .unwrap()
             .contains("filename ")
     );
+    // Unfinished: no object to name yet.
+    assert!(resp.headers().get("s3up-key").is_none());
     assert_eq!(
         t.patch(&url, 0, b"abc".to_vec(), &[]).await.status(),
         StatusCode::NO_CONTENT
@@ -520,11 +522,22 @@ async fn metadata_names_the_object() {
     let url2 = t
         .create(Some(3), &[("filename", "../../secret/photo.jpg")])
         .await;
-    assert_eq!(
-        t.patch(&url2, 0, b"xyz".to_vec(), &[]).await.status(),
-        StatusCode::NO_CONTENT
-    );
+    let resp = t.patch(&url2, 0, b"xyz".to_vec(), &[]).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let id8 = &url2.rsplit('/').next().unwrap()[..8];
+    // The completing PATCH and every HEAD after it name the object that was stored.
+    let crc = s3_upload_proxy::upload::part::crc64_base64(crc_fast::checksum(
+        crc_fast::CrcAlgorithm::Crc64Nvme,
+        b"xyz",
+    ));
+    let key = format!("uploads/alice/photo-{id8}.jpg");
+    for headers in [
+        resp.headers().clone(),
+        t.head(&url2).await.headers().clone(),
+    ] {
+        assert_eq!(headers["s3up-key"], key.as_str());
+        assert_eq!(headers["s3up-checksum-crc64nvme"], crc.as_str());
+    }
     assert_eq!(h.object("uploads/alice/photo.jpg").await.unwrap(), b"abc");
     assert_eq!(
         h.object(&format!("uploads/alice/photo-{id8}.jpg"))
@@ -746,7 +759,10 @@ async fn concatenation(h: &Harness) {
                 t.patch(&url, 0, bytes.clone(), &[]).await.status(),
                 StatusCode::NO_CONTENT
             );
-            assert_eq!(t.head(&url).await.headers()["upload-concat"], "partial");
+            let head = t.head(&url).await;
+            assert_eq!(head.headers()["upload-concat"], "partial");
+            // A partial's object is the proxy's own: not named.
+            assert!(head.headers().get("s3up-key").is_none());
             all.extend_from_slice(&bytes);
             urls.push(url);
         }
@@ -786,6 +802,10 @@ async fn concatenation(h: &Harness) {
                 .to_str()
                 .unwrap()
                 .starts_with("final;")
+        );
+        assert_eq!(
+            head.headers()["s3up-key"],
+            format!("uploads/alice/{name}").as_str()
         );
         // PATCH on a final upload: 403.
         assert_eq!(

@@ -37,6 +37,12 @@ use state::{Concat, Store, UploadState};
 
 pub use reaper::spawn_reaper;
 
+/// On a completed upload (HEAD, and the request that completed it): the object's key,
+/// percent-encoded.
+pub const KEY_HEADER: &str = "s3up-key";
+/// Next to [`KEY_HEADER`]: the object's full-object CRC64NVME, base64 as S3 reports it.
+pub const CHECKSUM_HEADER: &str = "s3up-checksum-crc64nvme";
+
 /// What the tus endpoint needs beyond the app state.
 #[derive(Debug, Clone)]
 pub struct TusConfig {
@@ -92,6 +98,8 @@ fn cors() -> CorsLayer {
         "upload-concat",
         "upload-expires",
         "tus-checksum-algorithm",
+        KEY_HEADER,
+        CHECKSUM_HEADER,
     ];
     let mut allowed = names(&exposed);
     allowed.extend(names(&[
@@ -261,7 +269,34 @@ async fn head(state: &AppState, ctx: &Ctx, id: &str) -> Result<Response> {
     if st.completed.is_none() {
         h.insert("upload-expires", value(&headers::http_date(st.expires))?);
     }
+    stored_object(&mut h, &st);
     Ok((StatusCode::OK, h).into_response())
+}
+
+/// Once an upload is complete: the object's key (percent-encoded, as keys may hold any UTF-8)
+/// and full-object CRC64NVME (base64, as S3 reports it), so a client can say what it stored.
+/// Not for partial uploads, whose objects are the proxy's own.
+fn stored_object(h: &mut HeaderMap, st: &UploadState) {
+    let Some(done) = &st.completed else {
+        return;
+    };
+    if st.is_partial() {
+        return;
+    }
+    let mut key = String::with_capacity(st.key.len());
+    for &b in st.key.as_bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            key.push(char::from(b));
+        } else {
+            key.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(KEY_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&crate::upload::part::crc64_base64(done.crc64)) {
+        h.insert(CHECKSUM_HEADER, v);
+    }
 }
 
 fn value(s: &str) -> Result<HeaderValue> {
@@ -327,6 +362,7 @@ fn patched(st: &UploadState) -> Response {
     if let Ok(v) = value(&headers::http_date(st.expires)) {
         h.insert("upload-expires", v);
     }
+    stored_object(&mut h, st);
     (StatusCode::NO_CONTENT, h).into_response()
 }
 
@@ -521,6 +557,7 @@ fn created(
     {
         h.insert("upload-expires", v);
     }
+    stored_object(&mut h, st);
     (StatusCode::CREATED, h).into_response()
 }
 
