@@ -70,12 +70,17 @@ fn token_refuses_without_an_hs256_secret() {
 #[tokio::test]
 async fn zero_config_serve_with_dev_login_then_sigterm() {
     let dir = tempfile::tempdir().unwrap();
+    // Our own debug logs on, so a leak would show: no token, secret or key may appear in them.
     let mut serve = bin(dir.path())
         .arg("serve")
         .env("S3UP_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info,s3_upload_proxy=debug,tower_http=debug")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = serve.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
     let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let url = first.rsplit(' ').next().unwrap().to_owned();
@@ -117,4 +122,19 @@ async fn zero_config_serve_with_dev_login_then_sigterm() {
         .await
         .unwrap();
     assert!(status.success(), "{status}");
+    let logs = logs.join().unwrap();
+    assert!(logs.contains("request"), "request logs expected: {logs}");
+    let secret = std::fs::read_to_string(dir.path().join("data/.dev-jwt-secret")).unwrap();
+    let signature = token.rsplit('.').next().unwrap();
+    for (what, needle) in [
+        ("token", token.as_str()),
+        ("token signature", signature),
+        ("dev secret", secret.trim()),
+    ] {
+        assert!(!logs.contains(needle), "the {what} appears in the logs");
+    }
+    assert!(
+        !logs.to_ascii_lowercase().contains("bearer "),
+        "an Authorization header was logged"
+    );
 }
