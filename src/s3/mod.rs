@@ -183,9 +183,7 @@ impl Bucket {
             .put_object()
             .bucket(&*self.name)
             .key(key)
-            .content_length(
-                i64::try_from(part.len()).map_err(|_| Error::Internal("part too large".into()))?,
-            )
+            .content_length(part.content_length())
             .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
             .checksum_crc64_nvme(part.crc64_base64())
             .set_content_type(meta.content_type.clone())
@@ -237,9 +235,7 @@ impl Bucket {
             .key(key)
             .upload_id(upload_id)
             .part_number(number)
-            .content_length(
-                i64::try_from(part.len()).map_err(|_| Error::Internal("part too large".into()))?,
-            )
+            .content_length(part.content_length())
             .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
             .checksum_crc64_nvme(&crc)
             .body(ByteStream::new(part.sdk_body()))

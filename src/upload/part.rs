@@ -170,6 +170,11 @@ impl Part {
         self.len
     }
 
+    /// The length as S3's `Content-Length`; parts are at most 5 GiB, so it always fits.
+    pub fn content_length(&self) -> i64 {
+        i64::try_from(self.len).expect("a part is at most 5 GiB")
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
